@@ -1,0 +1,3 @@
+from reactor.cli import main
+
+main()
