@@ -1,0 +1,251 @@
+"""The outbox adapter: runs the named statements against PostgreSQL; no queue logic of its own."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from reactor.domain import MoveId, MoveStatus, Upload, Via
+from reactor.errors import DatabaseUnavailable
+from reactor.queries import query
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewMove:
+    """What enqueueing needs: the upload, the rule that matched it and where it goes."""
+
+    upload: Upload
+    rule: str
+    order_key: str
+    target_bucket: str
+    target_key: str
+    via: Via
+    error: str | None = None  # set when the move can never run (unsafe target): recorded failed
+
+
+@dataclass(frozen=True, kw_only=True)
+class Enqueued:
+    move_id: MoveId | None  # None: this upload already had a move
+    seq: int | None
+
+    @property
+    def duplicate(self) -> bool:
+        return self.move_id is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimedMove:
+    """A move this worker holds under a lease; everything the mover needs, nothing of SQL."""
+
+    id: MoveId
+    order_key: str
+    seq: int
+    rule: str
+    source_bucket: str
+    source_key: str
+    source_version_id: str
+    etag: str
+    size: int
+    sequencer: str
+    target_bucket: str
+    target_key: str
+    attempts: int
+    lease_token: uuid.UUID
+    target_etag: str | None
+    newer_done: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finish:
+    """One attempt's recorded outcome."""
+
+    status: MoveStatus
+    kind: str  # the move_events kind: done, superseded, failed, retry_scheduled
+    blocking: bool = False
+    retry_delay: float = 0.0
+    error: str | None = None
+    note: str | None = None
+    target_etag: str | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+    """A pooled engine; pre-ping so connections broken by a Postgres restart are replaced."""
+    return create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=10,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5, "application_name": "reactor"},
+    )
+
+
+def _is_unavailable(exc: DBAPIError) -> bool:
+    return isinstance(exc, OperationalError) or exc.connection_invalidated
+
+
+class Outbox:
+    """Enqueue, claim, finish, renew and recover moves; every call is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            if _is_unavailable(exc):
+                raise DatabaseUnavailable(f"PostgreSQL is unreachable: {exc.orig or exc}") from exc
+            raise
+
+    def ping(self) -> None:
+        with self._tx() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def enqueue(self, move: NewMove, *, worker: str) -> Enqueued:
+        """Record the move; a duplicate of an already recorded upload returns move_id None."""
+        up = move.upload
+        params = {
+            "order_key": move.order_key,
+            "rule": move.rule,
+            "via": move.via,
+            "source_bucket": up.bucket,
+            "source_key": up.key,
+            "source_version_id": up.version_id,
+            "etag": up.etag,
+            "size": up.size,
+            "sequencer": up.sequencer,
+            "target_bucket": move.target_bucket,
+            "target_key": move.target_key,
+            "event": json.dumps(dict(up.raw)) if up.raw else None,
+            "open": move.error is None,
+            "error": move.error,
+            "worker": worker,
+        }
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(query("enqueue_move"), params).first()
+                if row is None:
+                    # Duplicate: roll back so a counter bump by a racing duplicate leaves no gap.
+                    conn.rollback()
+                    return Enqueued(move_id=None, seq=None)
+                conn.commit()
+                return Enqueued(move_id=MoveId(row.id), seq=row.seq)
+        except DBAPIError as exc:
+            if _is_unavailable(exc):
+                raise DatabaseUnavailable(f"PostgreSQL is unreachable: {exc.orig or exc}") from exc
+            raise
+
+    def claim(self, limit: int, *, worker: str, lease_seconds: float) -> list[ClaimedMove]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                query("claim_moves"), {"limit": limit, "worker": worker, "lease_seconds": lease_seconds}
+            ).all()
+        return [
+            ClaimedMove(
+                id=MoveId(r.id),
+                order_key=r.order_key,
+                seq=r.seq,
+                rule=r.rule,
+                source_bucket=r.source_bucket,
+                source_key=r.source_key,
+                source_version_id=r.source_version_id,
+                etag=r.etag,
+                size=r.size,
+                sequencer=r.sequencer,
+                target_bucket=r.target_bucket,
+                target_key=r.target_key,
+                attempts=r.attempts,
+                lease_token=r.lease_token,
+                target_etag=r.target_etag,
+                newer_done=r.newer_done,
+            )
+            for r in rows
+        ]
+
+    def finish(self, move: ClaimedMove, outcome: Finish, *, worker: str) -> bool:
+        """Record the outcome; False when this worker's lease was taken over (nothing changed)."""
+        params = {
+            "move_id": move.id,
+            "lease_token": move.lease_token,
+            "status": outcome.status.value,
+            "blocking": outcome.blocking,
+            "retry_delay": outcome.retry_delay,
+            "error": outcome.error,
+            "note": outcome.note,
+            "target_etag": outcome.target_etag,
+            "kind": outcome.kind,
+            "worker": worker,
+            "detail": json.dumps(dict(outcome.detail or {})),
+        }
+        with self._tx() as conn:
+            return bool(conn.execute(query("finish_move"), params).scalar_one())
+
+    def checkpoint(self, move: ClaimedMove, target_etag: str) -> bool:
+        """Record the proven target ETag; False when this worker no longer holds the move."""
+        with self._tx() as conn:
+            row = conn.execute(
+                query("checkpoint_move"),
+                {"move_id": move.id, "lease_token": move.lease_token, "target_etag": target_etag},
+            ).first()
+        return row is not None
+
+    def renew(self, leases: Mapping[MoveId, uuid.UUID], *, lease_seconds: float) -> set[MoveId]:
+        """Extend the given leases; the ids returned are the ones still held."""
+        if not leases:
+            return set()
+        ids = list(leases)
+        with self._tx() as conn:
+            rows = conn.execute(
+                query("renew_leases"),
+                {"move_ids": ids, "lease_tokens": [leases[i] for i in ids], "lease_seconds": lease_seconds},
+            ).all()
+        return {MoveId(r.id) for r in rows}
+
+    def recover_expired(self, *, worker: str, max_attempts: int, block: bool) -> int:
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    query("recover_expired"), {"worker": worker, "max_attempts": max_attempts, "block": block}
+                ).scalar_one()
+            )
+
+    def retry(self, move_ids: Sequence[int], *, worker: str) -> list[MoveId]:
+        """Put failed moves back to pending, each in its key's lock order; returns those retried."""
+        retried: list[MoveId] = []
+        for move_id in move_ids:
+            with self._tx() as conn:
+                key = conn.execute(
+                    text("SELECT order_key FROM reactor.moves WHERE id = :id"), {"id": move_id}
+                ).scalar_one_or_none()
+                if key is None:
+                    continue
+                conn.execute(query("lock_key"), {"order_key": key})
+                row = conn.execute(query("retry_move"), {"move_id": move_id, "worker": worker}).first()
+                if row is None:
+                    continue
+                conn.execute(query("refresh_key"), {"order_key": key})
+                retried.append(MoveId(row.id))
+        if retried:
+            with self._tx() as conn:
+                conn.execute(text("SELECT pg_notify('reactor_moves', '')"))
+        return retried
+
+    def failed_move_ids(self) -> list[int]:
+        with self._tx() as conn:
+            return list(
+                conn.execute(
+                    text("SELECT id FROM reactor.moves WHERE status = 'failed' ORDER BY id")
+                ).scalars()
+            )
