@@ -58,7 +58,9 @@ def test_on_existing_target(
 
 
 def test_on_existing_target_fail_is_permanent_and_says_what_to_do() -> None:
-    result = decision.on_existing_target(policy=OnConflict.FAIL, target=Seen(etag=OTHER, size=1), same_bytes=False)
+    result = decision.on_existing_target(
+        policy=OnConflict.FAIL, target=Seen(etag=OTHER, size=1), same_bytes=False
+    )
     assert isinstance(result, Verdict)
     assert result.permanent
     assert "reactor retry" in (result.error or "")

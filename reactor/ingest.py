@@ -1,0 +1,85 @@
+"""From notices to outbox rows: the one path every way in (webhook, listen) takes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from reactor import logs
+from reactor.domain import Ignored, Upload, Via
+from reactor.outbox import NewMove, Outbox
+from reactor.rules import RuleSet
+
+log = logs.get("reactor.ingest")
+
+
+@dataclass
+class IngestReport:
+    enqueued: int = 0
+    duplicate: int = 0
+    ignored: int = 0
+    failed_at_enqueue: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+class Ingestor:
+    """Matches each upload against the rules and records a move for it, once."""
+
+    def __init__(self, *, rules: RuleSet, outbox: Outbox, worker: str) -> None:
+        self.rules = rules
+        self.outbox = outbox
+        self.worker = worker
+
+    def ingest(self, notices: Iterable[Upload | Ignored], *, via: Via) -> IngestReport:
+        """Each upload is committed before this returns; DatabaseUnavailable propagates."""
+        report = IngestReport()
+        for notice in notices:
+            if isinstance(notice, Ignored):
+                report.ignored += 1
+                report.reasons[notice.reason] += 1
+                log.debug(
+                    "notice_ignored", via=via, bucket=notice.bucket, key=notice.key, reason=notice.reason
+                )
+                continue
+            match = self.rules.match(notice.bucket, notice.key)
+            if match is None:
+                report.ignored += 1
+                report.reasons["no rule matches"] += 1
+                log.debug("upload_unmatched", via=via, bucket=notice.bucket, key=notice.key)
+                continue
+            result = self.outbox.enqueue(
+                NewMove(
+                    upload=notice,
+                    rule=match.rule.name,
+                    order_key=match.order_key,
+                    target_bucket=match.target_bucket,
+                    target_key=match.target_key,
+                    via=via,
+                    error=match.target_error,
+                ),
+                worker=self.worker,
+            )
+            fields = {
+                "via": via,
+                "order_key": match.order_key,
+                "source": f"{notice.bucket}/{notice.key}",
+                "target": f"{match.target_bucket}/{match.target_key}",
+                "etag": notice.etag,
+            }
+            if result.duplicate:
+                report.duplicate += 1
+                log.debug("upload_duplicate", **fields)
+            elif match.target_error is not None:
+                report.failed_at_enqueue += 1
+                log.error(
+                    "move_rejected",
+                    move_id=result.move_id,
+                    seq=result.seq,
+                    error=match.target_error,
+                    **fields,
+                )
+            else:
+                report.enqueued += 1
+                log.info("move_enqueued", move_id=result.move_id, seq=result.seq, **fields)
+        return report

@@ -1,0 +1,299 @@
+"""Claims moves and runs them: up to REACTOR_CONCURRENCY at once, across different order keys.
+
+Wake-ups come from LISTEN/NOTIFY (an enqueue that creates a runnable head), from a finished
+move (its key's next move may be ready), and from an APScheduler interval job as the fallback
+(and for retries whose backoff ran out). Heartbeats renew this worker's leases; a recovery job
+gives the moves of dead workers back to the queue.
+
+No database transaction is held open while S3 works: a copy can take minutes, and an open
+transaction would pin a pooled connection, hold row locks that block enqueues of the same key,
+and hold back vacuum. Instead a claim is a lease (a row state plus a token, committed at once),
+renewed by heartbeats, and the finish is fenced by the token.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from reactor import decision, logs
+from reactor.domain import MoveId, MoveStatus, OnConflict
+from reactor.errors import DatabaseUnavailable, LeaseLost
+from reactor.mover import MoveOrder, Mover, MoveResult
+from reactor.outbox import ClaimedMove, Finish, Outbox
+
+log = logs.get("reactor.poller")
+
+NOTIFY_CHANNEL = "reactor_moves"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PollerConfig:
+    worker: str
+    concurrency: int
+    lease_seconds: float
+    max_attempts: int
+    block_on_failure: bool
+    retry_base_delay: float
+    retry_max_delay: float
+
+
+class _LeaseHooks:
+    """Stops a move whose lease was lost before it changes S3 again, and records checkpoints."""
+
+    def __init__(self, poller: Poller, move: ClaimedMove) -> None:
+        self.poller = poller
+        self.move = move
+
+    def before_step(self, step: str) -> None:
+        if self.move.id in self.poller.lost:
+            raise LeaseLost(f"move {self.move.id}: lease taken over before {step}")
+        self.poller.step_hook(self.move, step)
+
+    def checkpoint(self, target_etag: str) -> None:
+        if not self.poller.outbox.checkpoint(self.move, target_etag):
+            raise LeaseLost(f"move {self.move.id}: lease taken over before the checkpoint")
+
+
+class Poller:
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        mover: Mover,
+        config: PollerConfig,
+        on_conflict: Callable[[str], OnConflict],
+    ) -> None:
+        self.outbox = outbox
+        self.mover = mover
+        self.config = config
+        self.on_conflict = on_conflict
+        self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="move")
+        self.in_flight: dict[MoveId, ClaimedMove] = {}
+        self.lost: set[MoveId] = set()
+        self._state = threading.Lock()
+        self._claiming = threading.Lock()
+        self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        # Tests replace this to inject a fault at an exact step (see tests/chaos).
+        self.step_hook: Callable[[ClaimedMove, str], None] = lambda _move, _step: None
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Claim whatever is runnable now; cheap to call often, from any thread."""
+        self._dirty.set()
+        while self._dirty.is_set() and not self._stopping.is_set():
+            if not self._claiming.acquire(blocking=False):
+                return  # the thread that holds it sees _dirty and claims again
+            try:
+                while self._dirty.is_set() and not self._stopping.is_set():
+                    self._dirty.clear()
+                    self._claim_batch()
+            finally:
+                self._claiming.release()
+
+    def _claim_batch(self) -> None:
+        with self._state:
+            free = self.config.concurrency - len(self.in_flight)
+        if free <= 0:
+            return  # a finishing move calls wake() again
+        try:
+            claimed = self.outbox.claim(
+                free, worker=self.config.worker, lease_seconds=self.config.lease_seconds
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("claim_failed", error=str(exc))
+            return
+        with self._state:
+            for move in claimed:
+                self.in_flight[move.id] = move
+        for move in claimed:
+            self.executor.submit(self._run, move)
+        if len(claimed) == free:
+            self._dirty.set()  # there may be more; claim again once slots free up
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _order(self, move: ClaimedMove) -> MoveOrder:
+        return MoveOrder(
+            source_bucket=move.source_bucket,
+            source_key=move.source_key,
+            version_id=move.source_version_id,
+            etag=move.etag,
+            size=move.size,
+            target_bucket=move.target_bucket,
+            target_key=move.target_key,
+            on_conflict=self.on_conflict(move.rule),
+            checkpoint_etag=move.target_etag,
+            newer_version_moved=move.newer_done,
+        )
+
+    def _run(self, move: ClaimedMove) -> None:
+        ctx: dict[str, Any] = {
+            "move_id": move.id,
+            "order_key": move.order_key,
+            "seq": move.seq,
+            "source": f"{move.source_bucket}/{move.source_key}",
+            "target": f"{move.target_bucket}/{move.target_key}",
+            "attempt": move.attempts,
+        }
+        started = time.monotonic()
+        try:
+            try:
+                result = self.mover.execute(self._order(move), _LeaseHooks(self, move))
+            except LeaseLost as exc:
+                log.warning("lease_lost", **ctx, error=str(exc))
+                return
+            except Exception as exc:  # any S3 or network error: this attempt failed, retry later
+                result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            outcome = self._outcome(move, result)
+            recorded = self._record(move, outcome)
+            fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
+            if outcome.note:
+                fields["note"] = outcome.note
+            if outcome.error:
+                fields["error"] = outcome.error
+            if not recorded:
+                log.warning("finish_fenced", **fields)
+            elif outcome.status is MoveStatus.DONE or outcome.status is MoveStatus.SUPERSEDED:
+                log.info("move_" + outcome.status.value, **fields)
+            else:
+                log.warning("move_" + outcome.kind, **fields)
+        finally:
+            with self._state:
+                self.in_flight.pop(move.id, None)
+                self.lost.discard(move.id)
+            self.wake()
+
+    def _outcome(self, move: ClaimedMove, result: MoveResult) -> Finish:
+        detail = {"attempt": move.attempts, "steps": list(result.steps)}
+        if result.status is not MoveStatus.FAILED:
+            return Finish(
+                status=result.status,
+                kind=result.status.value,
+                note=result.note,
+                target_etag=result.target_etag,
+                detail=detail,
+            )
+        after = decision.after_error(
+            attempts=move.attempts,
+            max_attempts=self.config.max_attempts,
+            permanent=result.permanent,
+            block_on_failure=self.config.block_on_failure,
+            delay=decision.backoff(
+                move.attempts,
+                base=self.config.retry_base_delay,
+                cap=self.config.retry_max_delay,
+                jitter=random.random(),  # noqa: S311 - spreading retries, not security
+            ),
+        )
+        kind = "retry_scheduled" if after.status is MoveStatus.PENDING else "failed"
+        return Finish(
+            status=after.status,
+            kind=kind,
+            blocking=after.blocking,
+            retry_delay=after.retry_delay,
+            error=result.error,
+            detail={**detail, "error": result.error, "retry_in": round(after.retry_delay, 3)},
+        )
+
+    def _record(self, move: ClaimedMove, outcome: Finish) -> bool:
+        """Finish in the database, riding out a short outage for as long as the lease would last."""
+        deadline = time.monotonic() + self.config.lease_seconds
+        delay = 0.2
+        while True:
+            try:
+                return self.outbox.finish(move, outcome, worker=self.config.worker)
+            except DatabaseUnavailable as exc:
+                if time.monotonic() > deadline or self._stopping.is_set():
+                    # The lease will expire and another worker redoes the (idempotent) move.
+                    log.error("finish_unrecorded", move_id=move.id, error=str(exc))
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        with self._state:
+            held = {move_id: move.lease_token for move_id, move in self.in_flight.items()}
+        if not held:
+            return
+        try:
+            renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
+        except DatabaseUnavailable as exc:
+            log.warning("heartbeat_failed", error=str(exc))
+            return
+        lost = set(held) - renewed
+        if lost:
+            with self._state:
+                self.lost |= lost & set(self.in_flight)
+            log.warning("leases_lost", move_ids=sorted(lost))
+
+    def recover(self) -> None:
+        try:
+            n = self.outbox.recover_expired(
+                worker=self.config.worker,
+                max_attempts=self.config.max_attempts,
+                block=self.config.block_on_failure,
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("recover_failed", error=str(exc))
+            return
+        if n:
+            log.warning("leases_recovered", moves=n)
+            self.wake()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def busy(self) -> int:
+        with self._state:
+            return len(self.in_flight)
+
+    def stop(self, timeout: float) -> None:
+        """Stop claiming; let running moves finish (bounded), so their leases need not expire."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class NotifyListener(threading.Thread):
+    """LISTEN on the wake-up channel and call wake(); reconnects with backoff after any error."""
+
+    def __init__(self, conninfo: str, wake: Callable[[], None]) -> None:
+        super().__init__(name="notify-listener", daemon=True)
+        self.conninfo = conninfo
+        self._wake = wake
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    delay = 0.5
+                    self._wake()  # whatever was enqueued while we were not listening
+                    while not self._stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
+                            # Drain the burst, then claim once for all of it.
+                            for _ in conn.notifies(timeout=0.0):
+                                pass
+                            self._wake()
+            except psycopg.Error as exc:
+                log.warning("notify_listener_reconnecting", error=str(exc), retry_in=delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
