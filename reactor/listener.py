@@ -31,7 +31,6 @@ class BucketListener(threading.Thread):
         self.ingestor = ingestor
         self.db_retry_seconds = db_retry_seconds
         self._stop = threading.Event()
-        self.connected = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -45,9 +44,8 @@ class BucketListener(threading.Thread):
                     self.bucket, events=tuple(sorted(UPLOAD_EVENTS))
                 )
                 with stream:
-                    # The first event (or the first keep-alive) proves the stream is open; MinIO
-                    # answers the request immediately, so treat reaching the loop as connected.
-                    self.connected.set()
+                    # MinIO sends no response headers before the first event, so the client cannot
+                    # see the moment the subscription starts: log the attempt, not a confirmation.
                     if disconnected_at is not None:
                         log.warning(
                             "listen_reconnected",
@@ -55,7 +53,7 @@ class BucketListener(threading.Thread):
                             gap_seconds=round(time.monotonic() - disconnected_at, 3),
                         )
                     else:
-                        log.info("listen_started", bucket=self.bucket)
+                        log.info("listen_connecting", bucket=self.bucket)
                     disconnected_at = None
                     delay = 0.5
                     for event in stream:
@@ -63,7 +61,6 @@ class BucketListener(threading.Thread):
                             return
                         self._handle(event)
             except Exception as exc:  # network errors, MinIO restarts: reconnect with backoff
-                self.connected.clear()
                 if disconnected_at is None:
                     disconnected_at = time.monotonic()
                 log.warning("listen_disconnected", bucket=self.bucket, error=str(exc), retry_in=delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Protocol
@@ -11,6 +12,7 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import MinioException, S3Error
+from urllib3.connection import HTTPConnection
 from urllib3.util import Retry
 
 from reactor import __version__
@@ -67,14 +69,23 @@ class MinioStore:
         secure: bool = False,
         region: str | None = None,
         pool_size: int = 10,
-        timeout: float = 60.0,
+        timeout: float | None = 60.0,
         ca_file: str | None = None,
     ) -> None:
         # minio-py's default pool retries 5xx five times with a 300 s timeout; a move has its own
         # retry with backoff, so the HTTP layer retries little and fails fast.
+        # timeout=None (long-lived listen streams, which MinIO keeps silent between events) relies
+        # on TCP keep-alive instead to notice a dead peer.
+        keepalive = [
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+        ]
         http = urllib3.PoolManager(
             maxsize=pool_size,
             block=False,
+            socket_options=[*HTTPConnection.default_socket_options, *keepalive],
             timeout=urllib3.Timeout(connect=5.0, read=timeout),
             retries=Retry(total=2, connect=2, read=0, backoff_factor=0.2, status_forcelist=(502, 503, 504)),
             cert_reqs=ssl.CERT_REQUIRED if secure else ssl.CERT_NONE,

@@ -31,7 +31,8 @@ def libpq_conninfo(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def make_store(settings: Settings, *, pool_size: int) -> MinioStore:
+def make_store(settings: Settings, *, pool_size: int, streaming: bool = False) -> MinioStore:
+    """streaming: for listen streams, silent between events, so no read timeout (TCP keep-alive)."""
     return MinioStore(
         endpoint=settings.minio_endpoint,
         access_key=settings.minio_access_key,
@@ -39,7 +40,7 @@ def make_store(settings: Settings, *, pool_size: int) -> MinioStore:
         secure=settings.minio_secure,
         region=settings.minio_region,
         pool_size=pool_size,
-        timeout=settings.s3_timeout,
+        timeout=None if streaming else settings.s3_timeout,
         ca_file=str(settings.minio_ca_file) if settings.minio_ca_file else None,
     )
 
@@ -138,7 +139,7 @@ def build(settings: Settings) -> Service:
     notify = NotifyListener(libpq_conninfo(database_url), poller.wake)
     listeners: list[BucketListener] = []
     if settings.listen:
-        listen_client = make_store(settings, pool_size=len(rules.source_buckets) + 1).client
+        listen_client = make_store(settings, pool_size=len(rules.source_buckets) + 1, streaming=True).client
         listeners = [
             BucketListener(client=listen_client, bucket=bucket, ingestor=ingestor)
             for bucket in sorted(rules.source_buckets)
