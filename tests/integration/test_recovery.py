@@ -1,0 +1,148 @@
+"""Crashes and outages on the real services: a killed instance, a stopped PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reactor.devstack import TEST_PG_SETTINGS, PostgresServer
+from reactor.migrate import upgrade
+from tests.support.e2e import events_of, history, put, sha256_of, wait_for, wait_settled, write_rules
+from tests.support.stack import BucketNames, MinioStack, ReactorSpawner, reactor_env, run_cli
+
+LEASE = 3.0
+
+
+def rules_for(tmp_path: Path, src: str, dst: str) -> Path:
+    return write_rules(
+        tmp_path / "rules.toml",
+        {
+            "name": "alerts",
+            "source_bucket": src,
+            "pattern": "{task_type}/{task_id}/{filename}",
+            "target_bucket": dst,
+            "target": "{task_type}/{task_id}/{filename}",
+            "order_key": "{task_id}",
+        },
+    )
+
+
+def test_a_move_cut_by_kill_9_is_finished_by_another_instance_within_the_lease_bound(
+    tmp_path: Path, minio: MinioStack, database_url: str, buckets: BucketNames, spawn_reactor: ReactorSpawner
+) -> None:
+    # Given one instance with a short lease, and a big multipart upload (copy + hash take a while)
+    src, dst = buckets("img"), buckets("alr")
+    rules = rules_for(tmp_path, src, dst)
+    run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
+    lease = {"REACTOR_LEASE_SECONDS": str(LEASE)}
+    first = spawn_reactor(
+        database_url=database_url,
+        rules_path=rules,
+        http_port=minio.webhook_port,
+        env=lease,
+        instance_id="first",
+    )
+    client = minio.client()
+    data = os.urandom(200 * 1024 * 1024)
+    digest = put(client, src, "vid/t1/big.bin", data, part_size=25 * 1024 * 1024)
+    del data
+
+    # When it is killed with SIGKILL in the middle of the move
+    wait_for(
+        lambda: history(database_url, "status = 'running' AND worker = 'first'"),
+        timeout=60,
+        interval=0.01,
+        what="the move to start",
+    )
+    first.kill()
+    killed_at = time.time()
+    spawn_reactor(database_url=database_url, rules_path=rules, env=lease, instance_id="second")
+    second_ready = time.time()
+    (row,) = wait_settled(database_url, 1, timeout=120)
+
+    # Then the other instance completed it, and the record shows both attempts
+    assert row["status"] == "done"
+    assert row["worker"] == "second"
+    assert row["attempts"] == 2
+    assert sha256_of(client, dst, "vid/t1/big.bin") == digest
+    assert sha256_of(client, src, "vid/t1/big.bin") is None
+    trail = events_of(database_url, row["move_id"])
+    assert [(e["kind"], e["worker"]) for e in trail if e["kind"] != "enqueued"][:2] == [
+        ("claimed", "first"),
+        ("lease_expired", "second"),
+    ]
+    assert [(e["kind"], e["worker"]) for e in trail][-2:] == [("claimed", "second"), ("done", "second")]
+    # And the takeover came within the documented bound: the lease expires at most one lease after
+    # the kill (it was renewed every lease/3 until then), and a recovery pass runs every lease/3 and
+    # at start, so another instance reclaims it within lease + lease/3 (or as soon as it is up).
+    reclaimed = next(e["at"] for e in reversed(trail) if e["kind"] == "claimed").timestamp()
+    bound = max(LEASE + LEASE / 3, second_ready - killed_at)
+    assert reclaimed - killed_at <= bound + 1.0, (reclaimed - killed_at, bound)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="reactor-pg-outage-")), settings=TEST_PG_SETTINGS)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        server.cleanup()
+
+
+def readyz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as response:  # noqa: S310 - loopback
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def test_postgres_stopped_while_uploads_continue_loses_nothing(
+    tmp_path: Path,
+    minio: MinioStack,
+    own_postgres: PostgresServer,
+    buckets: BucketNames,
+    spawn_reactor: ReactorSpawner,
+) -> None:
+    # Given a reactor on its own PostgreSQL, behind MinIO's webhook queue
+    own_postgres.create_database("outage")
+    database_url = own_postgres.url("outage")
+    upgrade(database_url)
+    src, dst = buckets("img"), buckets("alr")
+    rules = rules_for(tmp_path, src, dst)
+    run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
+    reactor = spawn_reactor(database_url=database_url, rules_path=rules, http_port=minio.webhook_port)
+    client = minio.client()
+    digests = {f"det/t{i % 2}/before{i}.jpg": put(client, src, f"det/t{i % 2}/before{i}.jpg", os.urandom(64))
+               for i in range(10)}  # fmt: skip
+    wait_settled(database_url, 10)
+
+    # When PostgreSQL stops for a few seconds while uploads continue
+    own_postgres.stop("fast")
+    for i in range(10):
+        key = f"det/t{i % 2}/during{i}.jpg"
+        digests[key] = put(client, src, key, os.urandom(64))
+    wait_for(lambda: readyz(reactor.url) == 503, timeout=10, what="/readyz to report the outage")
+    time.sleep(3)
+    assert reactor.alive, reactor.log_tail()
+    own_postgres.start()
+
+    # Then MinIO's queue redelivers what got 503s, and every upload is moved
+    rows = wait_settled(database_url, 20, timeout=120)
+    assert reactor.alive
+    assert readyz(reactor.url) == 200
+    assert {r["status"] for r in rows} == {"done"}
+    assert sorted(r["source_key"] for r in rows) == sorted(digests)
+    for key, digest in digests.items():
+        assert sha256_of(client, dst, key) == digest
+    assert "webhook_unavailable" in reactor.log_text()  # MinIO was told to retry, and did
