@@ -125,8 +125,7 @@ def status(as_json: bool) -> None:
         }
         oldest = conn.execute(
             text(
-                "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM reactor.moves "
-                "WHERE status IN ('pending', 'running')"
+                "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM reactor.moves WHERE status = 'pending'"
             )
         ).scalar_one()
         blocked = [
@@ -155,7 +154,7 @@ def status(as_json: bool) -> None:
     for name, n in per_status.items():
         click.echo(f"{name:<11}{n:>9}")
     click.echo(f"{'retrying':<11}{report['retrying']:>9}   (pending after a failed attempt)")
-    click.echo(f"oldest pending or running: {_age(oldest)}")
+    click.echo(f"oldest pending: {_age(oldest)}")
     if blocked:
         click.echo(f"blocked keys ({len(blocked)}): run `reactor retry MOVE_ID` once the cause is fixed")
         for item in blocked:
