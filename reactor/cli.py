@@ -125,7 +125,8 @@ def status(as_json: bool) -> None:
         }
         oldest = conn.execute(
             text(
-                "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM reactor.moves WHERE status = 'pending'"
+                "SELECT extract(epoch FROM now() - min(enqueued_at)) "
+                "FROM reactor.moves WHERE status = 'pending'"
             )
         ).scalar_one()
         blocked = [

@@ -52,6 +52,15 @@ class Upload:
     def is_multipart(self) -> bool:
         return "-" in self.etag
 
+    @property
+    def modified_ms(self) -> int:
+        """The upload's modification time in milliseconds: the sequencer (nanoseconds) truncated.
+
+        Listings report LastModified to the millisecond, truncated from the same clock, so an
+        upload found by listing and the same upload named by an event agree on this value.
+        """
+        return int(self.sequencer, 16) // 1_000_000 if self.sequencer else 0
+
 
 @dataclass(frozen=True, kw_only=True)
 class Ignored:

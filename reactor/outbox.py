@@ -126,6 +126,7 @@ class Outbox:
             "etag": up.etag,
             "size": up.size,
             "sequencer": up.sequencer,
+            "modified_ms": up.modified_ms,
             "target_bucket": move.target_bucket,
             "target_key": move.target_key,
             "event": json.dumps(dict(up.raw)) if up.raw else None,

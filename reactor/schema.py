@@ -73,6 +73,7 @@ moves = Table(
     Column("etag", Text, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sequencer", Text, nullable=False, server_default=text("''")),
+    Column("modified_ms", BigInteger, nullable=False, server_default=text("0")),
     Column("target_bucket", Text, nullable=False),
     Column("target_key", Text, nullable=False),
     Column("status", move_status, nullable=False, server_default=text("'pending'")),
@@ -90,9 +91,10 @@ moves = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("worker", Text, nullable=True),
     UniqueConstraint("order_key", "seq"),
-    # One upload, one move: a repeated notification of the same upload never enqueues twice.
+    # One upload, one move: a repeated notification of the same upload never enqueues twice. The
+    # upload's time is kept to the millisecond, the precision listings share with events.
     UniqueConstraint(
-        "source_bucket", "source_key", "source_version_id", "etag", "sequencer", name="uq_moves_upload"
+        "source_bucket", "source_key", "source_version_id", "etag", "modified_ms", name="uq_moves_upload"
     ),
     CheckConstraint("seq >= 1", name="seq_positive"),
     CheckConstraint("status <> 'running' OR lease_token IS NOT NULL", name="running_has_lease"),

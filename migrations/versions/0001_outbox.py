@@ -39,6 +39,7 @@ CREATE TABLE reactor.moves (
     etag              text NOT NULL,
     size              bigint NOT NULL,
     sequencer         text DEFAULT '' NOT NULL,
+    modified_ms       bigint DEFAULT 0 NOT NULL,
     target_bucket     text NOT NULL,
     target_key        text NOT NULL,
     status            reactor.move_status DEFAULT 'pending' NOT NULL,
@@ -59,7 +60,9 @@ CREATE TABLE reactor.moves (
     CONSTRAINT fk_moves_order_key_order_keys FOREIGN KEY (order_key)
         REFERENCES reactor.order_keys (order_key),
     CONSTRAINT uq_moves_order_key_seq UNIQUE (order_key, seq),
-    CONSTRAINT uq_moves_upload UNIQUE (source_bucket, source_key, source_version_id, etag, sequencer),
+    -- One upload, one move. Its time to the millisecond: events carry nanoseconds (the sequencer),
+    -- listings milliseconds, and both must name the same upload.
+    CONSTRAINT uq_moves_upload UNIQUE (source_bucket, source_key, source_version_id, etag, modified_ms),
     CONSTRAINT ck_moves_seq_positive CHECK (seq >= 1),
     CONSTRAINT ck_moves_running_has_lease CHECK (status <> 'running' OR lease_token IS NOT NULL),
     CONSTRAINT ck_moves_blocking_only_failed CHECK (NOT blocking OR status = 'failed'),

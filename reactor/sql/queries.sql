@@ -23,7 +23,7 @@ WITH fresh AS (
      WHERE NOT EXISTS (
            SELECT 1 FROM reactor.moves
             WHERE source_bucket = :source_bucket AND source_key = :source_key
-              AND source_version_id = :source_version_id AND etag = :etag AND sequencer = :sequencer)
+              AND source_version_id = :source_version_id AND etag = :etag AND modified_ms = :modified_ms)
 ), counter AS (
     INSERT INTO reactor.order_keys AS k (order_key, last_seq, head_seq, ready_at)
     SELECT :order_key, 1, CASE WHEN :open THEN 1 END, CASE WHEN :open THEN now() END FROM fresh
@@ -34,10 +34,10 @@ WITH fresh AS (
     RETURNING k.last_seq AS seq, coalesce(k.head_seq = k.last_seq, false) AS is_head
 ), inserted AS (
     INSERT INTO reactor.moves (order_key, seq, rule, via, source_bucket, source_key, source_version_id,
-                               etag, size, sequencer, target_bucket, target_key, event,
+                               etag, size, sequencer, modified_ms, target_bucket, target_key, event,
                                status, last_error, finished_at)
     SELECT :order_key, counter.seq, :rule, :via, :source_bucket, :source_key, :source_version_id,
-           :etag, :size, :sequencer, :target_bucket, :target_key, CAST(:event AS jsonb),
+           :etag, :size, :sequencer, :modified_ms, :target_bucket, :target_key, CAST(:event AS jsonb),
            CASE WHEN :open THEN 'pending' ELSE 'failed' END::reactor.move_status,
            :error, CASE WHEN :open THEN NULL ELSE clock_timestamp() END
       FROM counter

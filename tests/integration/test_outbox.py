@@ -154,34 +154,43 @@ def test_concurrent_enqueues_of_one_key_number_it_gap_free_and_drop_duplicates(
     assert (key.last_seq, key.head_seq) == (400, 1)
 
 
-def test_an_upload_is_identified_by_bucket_key_version_etag_and_sequencer(
+def test_an_upload_is_identified_by_bucket_key_version_etag_and_its_time(
     outbox: Outbox, engine: Engine
 ) -> None:
-    # Given a recorded upload
-    base = upload("photo.jpg", etag="aaa", version_id="v1", sequencer="0000000000000001")
+    # Given a recorded upload (sequencer: its modification time in nanoseconds, as hex)
+    ns = 0x18EE19B2641E8EA7
+    base = upload("photo.jpg", etag="aaa", version_id="v1", sequencer=f"{ns:016X}")
     first = outbox.enqueue(new_move(base, "K"), worker=WORKER)
 
-    # When the same upload is notified again, and then uploads differing in one identity field each
+    # When the same upload is notified again, also as a listing sees it (time to the millisecond
+    # only), and then uploads differing in one identity field each
     again = outbox.enqueue(new_move(base, "K"), worker=WORKER)
-    other_sequencer = outbox.enqueue(
-        new_move(upload("photo.jpg", etag="aaa", version_id="v1", sequencer="0000000000000002"), "K"),
+    listed = outbox.enqueue(
+        new_move(
+            upload("photo.jpg", etag="aaa", version_id="v1", sequencer=f"{ns // 10**6 * 10**6:016X}"), "K"
+        ),
+        worker=WORKER,
+    )
+    other_time = outbox.enqueue(
+        new_move(upload("photo.jpg", etag="aaa", version_id="v1", sequencer=f"{ns + 10**6:016X}"), "K"),
         worker=WORKER,
     )
     other_etag = outbox.enqueue(
-        new_move(upload("photo.jpg", etag="bbb", version_id="v1", sequencer="0000000000000001"), "K"),
+        new_move(upload("photo.jpg", etag="bbb", version_id="v1", sequencer=f"{ns:016X}"), "K"),
         worker=WORKER,
     )
     other_version = outbox.enqueue(
-        new_move(upload("photo.jpg", etag="aaa", version_id="v2", sequencer="0000000000000001"), "K"),
+        new_move(upload("photo.jpg", etag="aaa", version_id="v2", sequencer=f"{ns:016X}"), "K"),
         worker=WORKER,
     )
 
-    # Then the repeat is a duplicate and each difference is a move of its own, next in the key
+    # Then the repeats are duplicates and each difference is a move of its own, next in the key
     assert first.seq == 1
     assert first.move_id is not None
     assert again == Enqueued(move_id=None, seq=None)
-    assert [other_sequencer.seq, other_etag.seq, other_version.seq] == [2, 3, 4]
-    assert None not in {other_sequencer.move_id, other_etag.move_id, other_version.move_id}
+    assert listed == Enqueued(move_id=None, seq=None)
+    assert [other_time.seq, other_etag.seq, other_version.seq] == [2, 3, 4]
+    assert None not in {other_time.move_id, other_etag.move_id, other_version.move_id}
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM reactor.moves")).scalar_one() == 4
         assert conn.execute(text("SELECT last_seq FROM reactor.order_keys")).scalar_one() == 4
