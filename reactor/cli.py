@@ -98,6 +98,34 @@ def run() -> None:
     run_service(_settings())
 
 
+@main.command()
+@_friendly
+def reconcile() -> None:
+    """One sweep now: enqueue every matching upload older than REACTOR_RECONCILE_GRACE that has no move."""
+    from reactor.ingest import Ingestor
+    from reactor.outbox import Outbox
+    from reactor.reconcile import Reconciler
+    from reactor.rules import load_rules
+    from reactor.runtime import make_store
+
+    settings = _settings()
+    rules = load_rules(settings.require_rules())
+    engine = _engine(settings)
+    try:
+        report = Reconciler(
+            lister=make_store(settings, pool_size=2),
+            rules=rules,
+            ingestor=Ingestor(rules=rules, outbox=Outbox(engine), worker=settings.instance_id),
+            grace_seconds=settings.reconcile_grace,
+        ).sweep()
+    finally:
+        engine.dispose()
+    click.echo(
+        f"listed {report.listed}, enqueued {report.enqueued}, already known {report.already_known}, "
+        f"too recent {report.too_recent}, unmatched {report.unmatched}"
+    )
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"

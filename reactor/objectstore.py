@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import urllib3
@@ -24,6 +26,17 @@ APP_NAME = "reactor-mover"
 
 _MISSING = frozenset({"NoSuchKey", "NoSuchVersion", "NoSuchObject", "ResourceNotFound"})
 _REFUSED = _MISSING | {"PreconditionFailed"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Listed:
+    """One object as a bucket listing shows it."""
+
+    key: str
+    etag: str
+    size: int
+    version_id: str
+    last_modified: datetime | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +154,32 @@ class MinioStore:
             raise self._error(f"remove {bucket}/{key}", exc) from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._error(f"remove {bucket}/{key}", exc) from exc
+
+    def list_uploads(self, bucket: str, prefix: str, *, versioned: bool) -> Iterator[Listed]:
+        """Every current object under prefix, page by page (the listing is a lazy generator)."""
+        try:
+            for obj in self.client.list_objects(
+                bucket, prefix=prefix, recursive=True, include_version=versioned
+            ):
+                if obj.is_dir or obj.is_delete_marker or obj.object_name is None:
+                    continue
+                if versioned and not obj.is_latest:
+                    continue
+                yield Listed(
+                    key=obj.object_name,
+                    etag=(obj.etag or "").strip('"'),
+                    size=int(obj.size or 0),
+                    version_id=obj.version_id if versioned and obj.version_id not in (None, "null") else "",
+                    last_modified=obj.last_modified,
+                )
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(f"list {bucket}/{prefix}", exc) from exc
+
+    def versioned(self, bucket: str) -> bool:
+        try:
+            return self.client.get_bucket_versioning(bucket).status == "Enabled"
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(f"read the versioning of {bucket}", exc) from exc
 
     def digest(
         self, bucket: str, key: str, *, version_id: str = "", if_match: str = "", algorithm: str

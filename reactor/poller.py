@@ -155,6 +155,7 @@ class Poller:
             except Exception as exc:  # any S3 or network error: this attempt failed, retry later
                 result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
             outcome = self._outcome(move, result)
+            self.step_hook(move, "finish")
             recorded = self._record(move, outcome)
             fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
             if outcome.note:

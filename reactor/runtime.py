@@ -12,13 +12,14 @@ from sqlalchemy.engine import make_url
 
 from reactor import logs
 from reactor.domain import OnConflict
-from reactor.errors import ConfigError
+from reactor.errors import ConfigError, DatabaseUnavailable, ObjectStoreError
 from reactor.ingest import Ingestor
 from reactor.listener import BucketListener
 from reactor.mover import Mover
 from reactor.objectstore import MinioStore
 from reactor.outbox import Outbox, make_engine
 from reactor.poller import NotifyListener, Poller, PollerConfig
+from reactor.reconcile import Reconciler
 from reactor.rules import RuleSet, load_rules
 from reactor.settings import OnFailure, Settings
 from reactor.webhook import create_app
@@ -127,6 +128,9 @@ def build(settings: Settings) -> Service:
         on_conflict=on_conflict,
     )
     ingestor = Ingestor(rules=rules, outbox=outbox, worker=settings.instance_id)
+    reconciler = Reconciler(
+        lister=store, rules=rules, ingestor=ingestor, grace_seconds=settings.reconcile_grace
+    )
     scheduler = BackgroundScheduler(
         timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
     )
@@ -136,6 +140,17 @@ def build(settings: Settings) -> Service:
     scheduler.add_job(
         poller.recover, "interval", seconds=settings.lease_seconds / 3, id="recover", next_run_time=now
     )
+    if settings.reconcile_interval > 0:
+
+        def sweep() -> None:
+            try:
+                reconciler.sweep()
+            except (DatabaseUnavailable, ObjectStoreError) as exc:
+                log.warning("reconcile_failed", error=str(exc))
+
+        scheduler.add_job(
+            sweep, "interval", seconds=settings.reconcile_interval, id="reconcile", next_run_time=now
+        )
     notify = NotifyListener(libpq_conninfo(database_url), poller.wake)
     listeners: list[BucketListener] = []
     if settings.listen:

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(default=1.0, ge=0.0, le=3600.0)
     retry_max_delay: float = Field(default=300.0, ge=0.0, le=86400.0)
     s3_timeout: float = Field(default=60.0, gt=0.0)
+    # The sweep that catches uploads whose notification was lost; 0 turns the scheduled sweep off.
+    reconcile_interval: float = Field(default=60.0, ge=0.0)
+    reconcile_grace: float = Field(default=30.0, ge=0.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
