@@ -96,6 +96,7 @@ class Mover:
             return verdict(early)
 
         step: Next | Verdict = Next.COPY
+        target: ObjectInfo | None = None
         if order.on_conflict is not OnConflict.OVERWRITE:
             target = self.store.stat(order.target_bucket, order.target_key)
             steps.append("stat-target")
@@ -107,6 +108,10 @@ class Mover:
                 return verdict(step)
 
         target_etag: str | None = None
+        if step is Next.DELETE and target is not None and order.multipart:
+            # Proven equal by hashing just now: remember it before the source goes.
+            hooks.checkpoint(target.etag)
+            target_etag = target.etag
         if step is Next.COPY:
             hooks.before_step("copy")
             copied = self.store.copy(

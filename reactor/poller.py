@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,15 +47,20 @@ class PollerConfig:
 
 
 class _LeaseHooks:
-    """Stops a move whose lease was lost before it changes S3 again, and records checkpoints."""
+    """Stops a move whose lease was lost before it changes S3 again, and records checkpoints.
+
+    A lease counts as lost when a heartbeat found it taken over, and also when no heartbeat has
+    renewed it for two thirds of its length: a worker cut off from PostgreSQL cannot know whether
+    another instance took the move, so it stops before its lease can run out mid-step.
+    """
 
     def __init__(self, poller: Poller, move: ClaimedMove) -> None:
         self.poller = poller
         self.move = move
 
     def before_step(self, step: str) -> None:
-        if self.move.id in self.poller.lost:
-            raise LeaseLost(f"move {self.move.id}: lease taken over before {step}")
+        if not self.poller.holds(self.move):
+            raise LeaseLost(f"move {self.move.id}: lease taken over or not renewed before {step}")
         self.poller.step_hook(self.move, step)
 
     def checkpoint(self, target_etag: str) -> None:
@@ -77,7 +83,10 @@ class Poller:
         self.on_conflict = on_conflict
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="move")
         self.in_flight: dict[MoveId, ClaimedMove] = {}
-        self.lost: set[MoveId] = set()
+        # Keyed by lease token, not move id: the same move may be claimed again by this worker
+        # after a lease expired, and the two runs must not be confused.
+        self.lost: set[uuid.UUID] = set()
+        self.renewed_at: dict[uuid.UUID, float] = {}
         self._state = threading.Lock()
         self._claiming = threading.Lock()
         self._dirty = threading.Event()
@@ -109,14 +118,19 @@ class Poller:
             claimed = self.outbox.claim(
                 free, worker=self.config.worker, lease_seconds=self.config.lease_seconds
             )
-        except DatabaseUnavailable as exc:
+        except Exception as exc:  # any database trouble: the next wake-up or poll tries again
             log.warning("claim_failed", error=str(exc))
             return
+        now = time.monotonic()
         with self._state:
             for move in claimed:
                 self.in_flight[move.id] = move
+                self.renewed_at[move.lease_token] = now
         for move in claimed:
-            self.executor.submit(self._run, move)
+            try:
+                self.executor.submit(self._run, move)
+            except RuntimeError:  # shutting down: the lease expires and another instance runs it
+                self._forget(move)
         if len(claimed) == free:
             self._dirty.set()  # there may be more; claim again once slots free up
 
@@ -136,7 +150,31 @@ class Poller:
             newer_version_moved=move.newer_done,
         )
 
+    def holds(self, move: ClaimedMove) -> bool:
+        """Whether this worker may still act on the move (see _LeaseHooks)."""
+        with self._state:
+            if move.lease_token in self.lost:
+                return False
+            renewed = self.renewed_at.get(move.lease_token)
+        return renewed is not None and time.monotonic() - renewed < self.config.lease_seconds * 2 / 3
+
+    def _forget(self, move: ClaimedMove) -> None:
+        with self._state:
+            if self.in_flight.get(move.id) is move:
+                del self.in_flight[move.id]
+            self.lost.discard(move.lease_token)
+            self.renewed_at.pop(move.lease_token, None)
+
     def _run(self, move: ClaimedMove) -> None:
+        try:
+            self._run_move(move)
+        except Exception:  # never lose a worker thread silently; the lease recovers the move
+            log.exception("move_crashed", move_id=move.id, order_key=move.order_key, seq=move.seq)
+        finally:
+            self._forget(move)
+            self.wake()
+
+    def _run_move(self, move: ClaimedMove) -> None:
         ctx: dict[str, Any] = {
             "move_id": move.id,
             "order_key": move.order_key,
@@ -147,32 +185,26 @@ class Poller:
         }
         started = time.monotonic()
         try:
-            try:
-                result = self.mover.execute(self._order(move), _LeaseHooks(self, move))
-            except LeaseLost as exc:
-                log.warning("lease_lost", **ctx, error=str(exc))
-                return
-            except Exception as exc:  # any S3 or network error: this attempt failed, retry later
-                result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-            outcome = self._outcome(move, result)
-            self.step_hook(move, "finish")
-            recorded = self._record(move, outcome)
-            fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
-            if outcome.note:
-                fields["note"] = outcome.note
-            if outcome.error:
-                fields["error"] = outcome.error
-            if not recorded:
-                log.warning("finish_fenced", **fields)
-            elif outcome.status is MoveStatus.DONE or outcome.status is MoveStatus.SUPERSEDED:
-                log.info("move_" + outcome.status.value, **fields)
-            else:
-                log.warning("move_" + outcome.kind, **fields)
-        finally:
-            with self._state:
-                self.in_flight.pop(move.id, None)
-                self.lost.discard(move.id)
-            self.wake()
+            result = self.mover.execute(self._order(move), _LeaseHooks(self, move))
+        except LeaseLost as exc:
+            log.warning("lease_lost", **ctx, error=str(exc))
+            return
+        except Exception as exc:  # any S3 or network error: this attempt failed, retry later
+            result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        outcome = self._outcome(move, result)
+        self.step_hook(move, "finish")
+        recorded = self._record(move, outcome)
+        fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
+        if outcome.note:
+            fields["note"] = outcome.note
+        if outcome.error:
+            fields["error"] = outcome.error
+        if not recorded:
+            log.warning("finish_fenced", **fields)
+        elif outcome.status is MoveStatus.DONE or outcome.status is MoveStatus.SUPERSEDED:
+            log.info("move_" + outcome.status.value, **fields)
+        else:
+            log.warning("move_" + outcome.kind, **fields)
 
     def _outcome(self, move: ClaimedMove, result: MoveResult) -> Finish:
         detail = {"attempt": move.attempts, "steps": list(result.steps)}
@@ -228,16 +260,21 @@ class Poller:
             held = {move_id: move.lease_token for move_id, move in self.in_flight.items()}
         if not held:
             return
+        asked = time.monotonic()
         try:
             renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
-        except DatabaseUnavailable as exc:
+        except Exception as exc:  # unrenewed leases age out locally (see holds())
             log.warning("heartbeat_failed", error=str(exc))
             return
-        lost = set(held) - renewed
+        lost = {held[move_id] for move_id in set(held) - renewed}
+        with self._state:
+            for move_id in renewed:
+                token = held[move_id]
+                if token in self.renewed_at:
+                    self.renewed_at[token] = asked
+            self.lost |= lost & set(self.renewed_at)
         if lost:
-            with self._state:
-                self.lost |= lost & set(self.in_flight)
-            log.warning("leases_lost", move_ids=sorted(lost))
+            log.warning("leases_lost", move_ids=sorted(set(held) - renewed))
 
     def recover(self) -> None:
         try:
@@ -246,7 +283,7 @@ class Poller:
                 max_attempts=self.config.max_attempts,
                 block=self.config.block_on_failure,
             )
-        except DatabaseUnavailable as exc:
+        except Exception as exc:
             log.warning("recover_failed", error=str(exc))
             return
         if n:
@@ -259,8 +296,12 @@ class Poller:
         with self._state:
             return len(self.in_flight)
 
+    def stop_claiming(self) -> None:
+        self._stopping.set()
+
     def stop(self, timeout: float) -> None:
-        """Stop claiming; let running moves finish (bounded), so their leases need not expire."""
+        """Stop claiming; let running moves finish (bounded), so their leases need not expire.
+        Heartbeats must keep running meanwhile: the caller stops them after this returns."""
         self._stopping.set()
         deadline = time.monotonic() + timeout
         while self.busy() and time.monotonic() < deadline:
@@ -294,7 +335,7 @@ class NotifyListener(threading.Thread):
                             for _ in conn.notifies(timeout=0.0):
                                 pass
                             self._wake()
-            except psycopg.Error as exc:
+            except Exception as exc:  # the listener must outlive any database trouble
                 log.warning("notify_listener_reconnecting", error=str(exc), retry_in=delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)

@@ -91,11 +91,20 @@ class Service:
         self.poller.wake()
 
     def stop(self) -> None:
-        self.scheduler.shutdown(wait=False)
+        log.info("reactor_stopping", in_flight=self.poller.busy())
+        self._stop()
+
+    def _stop(self) -> None:
+        """Stop taking work, let running moves finish while heartbeats keep their leases, then stop."""
+        self.poller.stop_claiming()
+        for job_id in ("poll", "recover", "reconcile"):
+            if self.scheduler.get_job(job_id) is not None:
+                self.scheduler.remove_job(job_id)
         self.notify.stop()
         for listener in self.listeners:
             listener.stop()
         self.poller.stop(timeout=self.settings.lease_seconds)
+        self.scheduler.shutdown(wait=False)
         self.engine.dispose()
 
 
@@ -174,12 +183,21 @@ def build(settings: Settings) -> Service:
 
 def run(settings: Settings) -> None:
     service = build(settings)
-    token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+    token = settings.webhook_token.get_secret_value() if settings.webhook_token is not None else None
 
     def ping() -> None:
         service.outbox.ping()
 
-    app = create_app(ingestor=service.ingestor, ping=ping, token=token, max_body=settings.webhook_max_body)
+    # Start and stop inside uvicorn's lifespan: on SIGTERM uvicorn re-raises the signal after
+    # serve() returns, so code after server.run() would never drain the running moves.
+    app = create_app(
+        ingestor=service.ingestor,
+        ping=ping,
+        token=token,
+        max_body=settings.webhook_max_body,
+        on_start=service.start_background,
+        on_stop=service.stop,
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -200,9 +218,4 @@ def run(settings: Settings) -> None:
         concurrency=settings.concurrency,
         lease_seconds=settings.lease_seconds,
     )
-    service.start_background()
-    try:
-        server.run()
-    finally:
-        log.info("reactor_stopping", in_flight=service.poller.busy())
-        service.stop()
+    server.run()

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a PostgreSQL URL such as postgresql://user:password@host:5432/db")
         return value
 
+    @field_validator("webhook_token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty: unset it to run without a token (loopback only)")
+        return value
+
     @field_validator("http_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:

@@ -8,7 +8,8 @@ keeps the event and resends it; 4xx only for requests MinIO would never send.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -52,6 +53,8 @@ def create_app(
     ping: Callable[[], None],
     token: str | None,
     max_body: int,
+    on_start: Callable[[], None] = lambda: None,
+    on_stop: Callable[[], None] = lambda: None,
 ) -> Starlette:
     expected = f"Bearer {token}".encode() if token else None
 
@@ -114,10 +117,19 @@ def create_app(
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ready", "database": "ok"})
 
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(on_start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(on_stop)
+
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/minio/events", events, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
-        ]
+        ],
     )

@@ -53,10 +53,10 @@ WITH fresh AS (
 ), wake AS (
     SELECT pg_notify('reactor_moves', '') FROM counter WHERE is_head
 )
-SELECT inserted.id, inserted.seq, counter.is_head
-  FROM inserted CROSS JOIN counter
-  LEFT JOIN (SELECT count(*) AS n FROM audit) a ON true
-  LEFT JOIN (SELECT count(*) AS n FROM wake) w ON true;
+-- wake's count is selected on purpose: a read-only CTE nothing reads is never run, and the
+-- planner drops an unused LEFT JOIN to it, which would silently skip the notify.
+SELECT inserted.id, inserted.seq, counter.is_head, (SELECT count(*) FROM wake) AS woke
+  FROM inserted CROSS JOIN counter;
 
 -- name: claim_moves
 -- Claim up to :limit heads of different keys, for this worker, under a lease.

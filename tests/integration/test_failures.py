@@ -155,6 +155,10 @@ def test_cli_reports_bad_configuration_clearly(tmp_path: Path, minio: MinioStack
     assert result.returncode == 2
     assert "REACTOR_WEBHOOK_TOKEN" in result.stderr
     assert "REACTOR_ALLOW_UNAUTHENTICATED" in result.stderr
+    # An empty token is refused rather than silently meaning "no authentication"
+    result = run_cli(["run"], env={**exposed, "REACTOR_WEBHOOK_TOKEN": ""})
+    assert result.returncode == 2
+    assert "REACTOR_WEBHOOK_TOKEN: Value error, must not be empty" in result.stderr
 
 
 def test_retry_of_unknown_moves_says_so(minio: MinioStack, database_url: str) -> None:

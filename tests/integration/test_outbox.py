@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from reactor.domain import MoveStatus, Upload
 from reactor.outbox import ClaimedMove, Enqueued, Finish, NewMove, Outbox, make_engine
 from reactor.queries import query
+from tests.support.e2e import conninfo
 
 WORKER = "test-worker"
 LEASE = 30.0
@@ -653,3 +654,17 @@ def test_a_limited_claim_takes_the_heads_ready_longest(outbox: Outbox, engine: E
     # Then it takes the ones ready longest, and leaves the other ready
     assert {m.order_key for m in claimed} == {"early", "middle"}
     assert heads(claim(outbox)) == {("late", 1)}
+
+
+def test_an_enqueue_that_makes_a_new_head_notifies_listeners(outbox: Outbox, database_url: str) -> None:
+    # Given a connection listening on the wake-up channel
+    with psycopg.connect(conninfo(database_url), autocommit=True) as listener:
+        listener.execute("LISTEN reactor_moves")
+        # When a key gets its first move, then a second one behind it
+        outbox.enqueue(new_move(upload("a.jpg"), "N"), worker=WORKER)
+        first = list(listener.notifies(timeout=2.0, stop_after=1))
+        outbox.enqueue(new_move(upload("b.jpg"), "N"), worker=WORKER)
+        second = list(listener.notifies(timeout=0.5))
+    # Then only the new head woke the pollers
+    assert [n.channel for n in first] == ["reactor_moves"]
+    assert second == []

@@ -146,3 +146,23 @@ def test_postgres_stopped_while_uploads_continue_loses_nothing(
     for key, digest in digests.items():
         assert sha256_of(client, dst, key) == digest
     assert "webhook_unavailable" in reactor.log_text()  # MinIO was told to retry, and did
+
+
+def test_sigterm_lets_the_running_move_finish_before_exiting(
+    tmp_path: Path, minio: MinioStack, database_url: str, buckets: BucketNames, spawn_reactor: ReactorSpawner
+) -> None:
+    # Given an instance in the middle of a long move
+    src, dst = buckets("img"), buckets("alr")
+    rules = rules_for(tmp_path, src, dst)
+    run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
+    reactor = spawn_reactor(database_url=database_url, rules_path=rules, http_port=minio.webhook_port)
+    client = minio.client()
+    digest = put(client, src, "vid/t1/big.bin", os.urandom(150 * 1024 * 1024), part_size=25 * 1024 * 1024)
+    wait_for(lambda: history(database_url, "status = 'running'"), timeout=60, interval=0.01, what="the move")
+    # When it is asked to stop (docker stop, systemd)
+    reactor.stop(timeout=60)
+    # Then it finished the move itself, in one attempt, before exiting
+    (row,) = history(database_url)
+    assert (row["status"], row["attempts"], row["worker"]) == ("done", 1, reactor.instance_id)
+    assert sha256_of(client, dst, "vid/t1/big.bin") == digest
+    assert "reactor_stopping" in reactor.log_text()

@@ -228,3 +228,22 @@ def test_store_errors_propagate_for_the_poller_to_retry() -> None:
         Mover(store).execute(order)
     assert store.data(DST, "k") == b"x"  # copied and verified; the delete is redone next time
     assert Mover(store).execute(order).status is MoveStatus.DONE
+
+
+def test_multipart_proven_equal_before_the_copy_is_checkpointed_before_the_delete() -> None:
+    # Given a multipart upload already copied by an attempt that died before its checkpoint
+    store = MemoryStore()
+    order = order_for(store, "big", b"m" * 1000, parts=3, on_conflict=OnConflict.FAIL)
+    assert store.copy(
+        bucket=SRC, key="big", version_id="", if_match=order.etag, target_bucket=DST, target_key="big"
+    )
+    hooks = Recorder()
+    # When the next attempt proves the target equal by hashing (policy fail sees no conflict)
+    result = Mover(store).execute(order, hooks)
+    # Then it records the proven ETag before deleting, so a third run could still recognise it
+    target = store.stat(DST, "big")
+    assert target is not None
+    assert result.status is MoveStatus.DONE
+    assert hooks.checkpoints == [target.etag]
+    assert result.target_etag == target.etag
+    assert store.data(SRC, "big") is None
