@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -15,6 +14,7 @@ from sqlalchemy import text
 from reactor import logs
 from reactor.domain import MoveStatus
 from reactor.errors import ConfigError, ReactorError
+from reactor.report import parse_since, table, to_csv, to_json_lines
 from reactor.settings import Settings, load_settings
 
 P = ParamSpec("P")
@@ -126,10 +126,108 @@ def reconcile() -> None:
     )
 
 
+def _output_options(func: Callable[P, R]) -> Callable[P, R]:
+    func = click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")(func)
+    func = click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (one object per line for lists)."
+    )(func)
+    func = click.option("--rule", help="Only moves of this rule.")(func)
+    return click.option("--since", help="Only moves enqueued since: 30m, 2h, 7d, 1w, or an ISO time.")(func)
+
+
+def _filters(since: str | None, rule: str | None) -> tuple[list[str], dict[str, Any]]:
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if since is not None:
+        where.append("enqueued_at >= :since")
+        params["since"] = parse_since(since)
+    if rule is not None:
+        where.append("rule = :rule")
+        params["rule"] = rule
+    return where, params
+
+
+def _where(clauses: Sequence[str]) -> str:
+    return (" WHERE " + " AND ".join(clauses)) if clauses else ""
+
+
+def _emit(text_out: str) -> None:
+    if text_out:
+        click.echo(text_out)
+
+
+@main.command()
+@_output_options
+@_friendly
+def status(since: str | None, rule: str | None, as_json: bool, as_csv: bool) -> None:
+    """Counts per status, the oldest pending move's age, and the keys that are blocked."""
+    settings = _settings()
+    where, params = _filters(since, rule)
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        counts = {
+            row.status: int(row.n)
+            for row in conn.execute(
+                text(
+                    f"SELECT status, count(*) AS n FROM reactor.move_history{_where(where)} GROUP BY status"
+                ),
+                params,
+            )
+        }
+        oldest = conn.execute(
+            text(
+                "SELECT extract(epoch FROM now() - min(enqueued_at)) FROM reactor.move_history"
+                + _where([*where, "status = 'pending'"])
+            ),
+            params,
+        ).scalar_one()
+        retrying = conn.execute(
+            text(
+                "SELECT count(*) FROM reactor.move_history"
+                + _where([*where, "status = 'pending'", "attempts > 0"])
+            ),
+            params,
+        ).scalar_one()
+        blocked = [
+            dict(row._mapping)
+            for row in conn.execute(
+                text(
+                    "SELECT order_key, move_id, seq, rule, last_error FROM reactor.move_history"
+                    + _where([*where, "blocking"])
+                    + " ORDER BY order_key"
+                ),
+                params,
+            )
+        ]
+    engine.dispose()
+    per_status = {s.value: counts.get(s.value, 0) for s in MoveStatus}
+    oldest_seconds = None if oldest is None else round(float(oldest), 3)
+    if as_json:
+        report = {
+            "counts": per_status,
+            "retrying": int(retrying),
+            "oldest_pending_seconds": oldest_seconds,
+            "blocked_keys": blocked,
+        }
+        click.echo(json.dumps(report, indent=2, default=str, ensure_ascii=False))
+        return
+    rows = [{"status": name, "moves": n} for name, n in per_status.items()]
+    rows.append({"status": "retrying", "moves": int(retrying)})
+    if as_csv:
+        _emit(to_csv(rows, ("status", "moves")))
+        return
+    click.echo(table(rows, ("status", "moves")))
+    click.echo(f"oldest pending: {_age(oldest_seconds)}")
+    if blocked:
+        click.echo(f"blocked keys ({len(blocked)}): run `reactor retry MOVE_ID` once the cause is fixed")
+        click.echo(table(blocked, ("order_key", "move_id", "seq", "last_error")))
+    else:
+        click.echo("blocked keys: none")
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = float(seconds)
     if seconds < 120:
         return f"{seconds:.1f}s"
     if seconds < 7200:
@@ -137,68 +235,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@_friendly
-def status(as_json: bool) -> None:
-    """Counts per status, the oldest pending move's age, and the keys that are blocked."""
-    settings = _settings()
-    engine = _engine(settings)
-    with engine.connect() as conn:
-        counts = {
-            row.status: row.n
-            for row in conn.execute(
-                text("SELECT status::text AS status, count(*) AS n FROM reactor.moves GROUP BY status")
-            )
-        }
-        oldest = conn.execute(
-            text(
-                "SELECT extract(epoch FROM now() - min(enqueued_at)) "
-                "FROM reactor.moves WHERE status = 'pending'"
-            )
-        ).scalar_one()
-        blocked = [
-            dict(row._mapping)
-            for row in conn.execute(
-                text(
-                    "SELECT order_key, id AS move_id, seq, last_error FROM reactor.moves "
-                    "WHERE blocking ORDER BY order_key"
-                )
-            )
-        ]
-        retrying = conn.execute(
-            text("SELECT count(*) FROM reactor.moves WHERE status = 'pending' AND attempts > 0")
-        ).scalar_one()
-    engine.dispose()
-    per_status = {s.value: int(counts.get(s.value, 0)) for s in MoveStatus}
-    report: dict[str, Any] = {
-        "counts": per_status,
-        "retrying": int(retrying),
-        "oldest_pending_seconds": None if oldest is None else round(float(oldest), 3),
-        "blocked_keys": blocked,
-    }
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-        return
-    for name, n in per_status.items():
-        click.echo(f"{name:<11}{n:>9}")
-    click.echo(f"{'retrying':<11}{report['retrying']:>9}   (pending after a failed attempt)")
-    click.echo(f"oldest pending: {_age(oldest)}")
-    if blocked:
-        click.echo(f"blocked keys ({len(blocked)}): run `reactor retry MOVE_ID` once the cause is fixed")
-        for item in blocked:
-            click.echo(
-                f"  {item['order_key']}  move {item['move_id']} (seq {item['seq']}): {item['last_error']}"
-            )
-    else:
-        click.echo("blocked keys: none")
-
-
 HISTORY_COLUMNS = (
     "move_id", "order_key", "seq", "rule", "source_bucket", "source_key", "source_version_id", "etag", "size",
     "target_bucket", "target_key", "status", "attempts", "last_error", "enqueued_at", "started_at",
-    "finished_at", "worker", "note",
+    "finished_at", "worker", "note", "via",
 )  # fmt: skip
+HISTORY_TABLE = ("move_id", "order_key", "seq", "status", "attempts", "source_key", "finished_at")
 
 
 @main.command()
@@ -207,56 +249,65 @@ HISTORY_COLUMNS = (
 @click.option(
     "--status", "status_", type=click.Choice([s.value for s in MoveStatus]), help="Only this status."
 )
-@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one move per line.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=50, show_default=True)
+@_output_options
 @_friendly
-def history(
-    order_key: str | None, source_key: str | None, status_: str | None, limit: int, as_json: bool
+def history(  # noqa: PLR0917 - click passes every option
+    order_key: str | None,
+    source_key: str | None,
+    status_: str | None,
+    limit: int,
+    since: str | None,
+    rule: str | None,
+    as_json: bool,
+    as_csv: bool,
 ) -> None:
     """List moves from reactor.move_history, newest first (or in seq order for one key)."""
     settings = _settings()
-    where: list[str] = []
-    params: dict[str, Any] = {"limit": limit}
-    if order_key is not None:
-        where.append("order_key = :order_key")
-        params["order_key"] = order_key
-    if source_key is not None:
-        where.append("source_key = :source_key")
-        params["source_key"] = source_key
-    if status_ is not None:
-        where.append("status = :status")
-        params["status"] = status_
+    where, params = _filters(since, rule)
+    params["limit"] = limit
+    for column, value in (("order_key", order_key), ("source_key", source_key), ("status", status_)):
+        if value is not None:
+            where.append(f"{column} = :{column}")
+            params[column] = value
     order = "seq" if order_key is not None else "move_id DESC"
-    sql = (
-        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM reactor.move_history"
-        f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order} LIMIT :limit"
-    )
+    columns = ", ".join(HISTORY_COLUMNS)
+    sql = f"SELECT {columns} FROM reactor.move_history{_where(where)} ORDER BY {order} LIMIT :limit"
     engine = _engine(settings)
     with engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(text(sql), params)]
     engine.dispose()
     if as_json:
-        for row in rows:
-            click.echo(json.dumps(row, default=str, ensure_ascii=False))
-        return
-    _table(
-        rows, ("move_id", "order_key", "seq", "status", "attempts", "source_key", "target_key", "finished_at")
-    )
+        _emit(to_json_lines(rows))
+    elif as_csv:
+        _emit(to_csv(rows, HISTORY_COLUMNS))
+    else:
+        click.echo(table(rows, HISTORY_TABLE))
 
 
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    def cell(value: Any) -> str:
-        if isinstance(value, datetime):
-            return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return "-" if value is None else str(value)
+@main.command()
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    help="Remove finished moves (and their events) that finished more than DAYS days ago.",
+)
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@_friendly
+def prune(days: float, batch: int) -> None:
+    """Delete finished history in small batches; moves still pending, running or blocking stay."""
+    from reactor.outbox import Outbox
 
-    cells = [[cell(row[c]) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    if not rows:
-        click.echo("(no moves)")
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        pruned = Outbox(engine).prune(older_than_days=days, batch=batch)
+    finally:
+        engine.dispose()
+    if pruned is None:
+        raise ReactorError("another instance is pruning right now; try again when it has finished")
+    click.echo(f"pruned {pruned} finished move(s) older than {days:g} day(s)")
 
 
 @main.command()

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from reactor import logs
+from reactor import logs, metrics
 from reactor.domain import Ignored, Upload, Via
 from reactor.outbox import NewMove, Outbox
 from reactor.rules import RuleSet
@@ -36,6 +36,7 @@ class Ingestor:
         report = IngestReport()
         for notice in notices:
             if isinstance(notice, Ignored):
+                metrics.EVENTS.labels(via, "ignored").inc()
                 report.ignored += 1
                 report.reasons[notice.reason] += 1
                 log.debug(
@@ -44,6 +45,7 @@ class Ingestor:
                 continue
             match = self.rules.match(notice.bucket, notice.key)
             if match is None:
+                metrics.EVENTS.labels(via, "ignored").inc()
                 report.ignored += 1
                 report.reasons["no rule matches"] += 1
                 log.debug("upload_unmatched", via=via, bucket=notice.bucket, key=notice.key)
@@ -68,9 +70,11 @@ class Ingestor:
                 "etag": notice.etag,
             }
             if result.duplicate:
+                metrics.EVENTS.labels(via, "duplicate").inc()
                 report.duplicate += 1
                 log.debug("upload_duplicate", **fields)
             elif match.target_error is not None:
+                metrics.EVENTS.labels(via, "rejected").inc()
                 report.failed_at_enqueue += 1
                 log.error(
                     "move_rejected",
@@ -80,6 +84,7 @@ class Ingestor:
                     **fields,
                 )
             else:
+                metrics.EVENTS.labels(via, "enqueued").inc()
                 report.enqueued += 1
                 log.info("move_enqueued", move_id=result.move_id, seq=result.seq, **fields)
         return report

@@ -13,7 +13,7 @@ from typing import Any
 
 from minio import Minio
 
-from reactor import logs
+from reactor import logs, metrics
 from reactor.errors import DatabaseUnavailable, EventError
 from reactor.events import UPLOAD_EVENTS, parse_listen_event
 from reactor.ingest import Ingestor
@@ -61,6 +61,7 @@ class BucketListener(threading.Thread):
                             return
                         self._handle(event)
             except Exception as exc:  # network errors, MinIO restarts: reconnect with backoff
+                metrics.ERRORS.labels("minio", "listen").inc()
                 if disconnected_at is None:
                     disconnected_at = time.monotonic()
                 log.warning("listen_disconnected", bucket=self.bucket, error=str(exc), retry_in=delay)
@@ -80,6 +81,7 @@ class BucketListener(threading.Thread):
                 self.ingestor.ingest(notices, via="listen")
                 return
             except DatabaseUnavailable as exc:
+                metrics.ERRORS.labels("postgres", "listen").inc()
                 if time.monotonic() > deadline or self._stop.is_set():
                     log.error(
                         "listen_event_lost",

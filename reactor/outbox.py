@@ -76,6 +76,9 @@ class Finish:
     detail: Mapping[str, Any] | None = None
 
 
+PRUNE_LOCK_ID = 727_002
+
+
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     """A pooled engine; pre-ping so connections broken by a Postgres restart are replaced."""
     return create_engine(
@@ -242,6 +245,43 @@ class Outbox:
             with self._tx() as conn:
                 conn.execute(text("SELECT pg_notify('reactor_moves', '')"))
         return retried
+
+    def prune(self, *, older_than_days: float, batch: int = 1000) -> int | None:
+        """Delete finished moves older than the given age, batch by batch; None when another
+        instance is pruning right now (one at a time, by an advisory lock)."""
+        total = 0
+        with self.engine.connect() as lock_conn:
+            got = lock_conn.execute(
+                text("SELECT pg_try_advisory_lock(:id)"), {"id": PRUNE_LOCK_ID}
+            ).scalar_one()
+            lock_conn.commit()
+            if not got:
+                return None
+            try:
+                while True:
+                    with self._tx() as conn:
+                        deleted = len(
+                            conn.execute(
+                                query("prune_finished"),
+                                {"older_than_seconds": older_than_days * 86400.0, "batch": batch},
+                            ).all()
+                        )
+                    total += deleted
+                    if deleted < batch:
+                        return total
+            finally:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": PRUNE_LOCK_ID})
+                lock_conn.commit()
+
+    def queue_gauges(self) -> dict[str, float]:
+        with self._tx() as conn:
+            row = conn.execute(query("queue_gauges")).one()
+        return {
+            "pending": float(row.pending),
+            "running": float(row.running),
+            "blocked": float(row.blocked),
+            "oldest_pending_seconds": float(row.oldest_pending_seconds),
+        }
 
     def failed_move_ids(self) -> list[int]:
         with self._tx() as conn:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from reactor import decision, logs
+from reactor import decision, logs, metrics
 from reactor.domain import MoveId, MoveStatus, OnConflict
 from reactor.errors import DatabaseUnavailable, LeaseLost
 from reactor.mover import MoveOrder, Mover, MoveResult
@@ -119,6 +119,7 @@ class Poller:
                 free, worker=self.config.worker, lease_seconds=self.config.lease_seconds
             )
         except Exception as exc:  # any database trouble: the next wake-up or poll tries again
+            metrics.ERRORS.labels("postgres", "claim").inc()
             log.warning("claim_failed", error=str(exc))
             return
         now = time.monotonic()
@@ -190,10 +191,17 @@ class Poller:
             log.warning("lease_lost", **ctx, error=str(exc))
             return
         except Exception as exc:  # any S3 or network error: this attempt failed, retry later
+            metrics.ERRORS.labels("minio", "move").inc()
             result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         outcome = self._outcome(move, result)
         self.step_hook(move, "finish")
         recorded = self._record(move, outcome)
+        if recorded:
+            metrics.MOVE_DURATION.labels(move.rule, outcome.status.value).observe(time.monotonic() - started)
+            if outcome.status is MoveStatus.PENDING:
+                metrics.MOVE_RETRIES.labels(move.rule).inc()
+            else:
+                metrics.MOVES_FINISHED.labels(move.rule, outcome.status.value).inc()
         fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
         if outcome.note:
             fields["note"] = outcome.note
@@ -248,6 +256,7 @@ class Poller:
             except DatabaseUnavailable as exc:
                 if time.monotonic() > deadline or self._stopping.is_set():
                     # The lease will expire and another worker redoes the (idempotent) move.
+                    metrics.ERRORS.labels("postgres", "finish").inc()
                     log.error("finish_unrecorded", move_id=move.id, error=str(exc))
                     return False
                 time.sleep(delay)
@@ -264,6 +273,7 @@ class Poller:
         try:
             renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
         except Exception as exc:  # unrenewed leases age out locally (see holds())
+            metrics.ERRORS.labels("postgres", "heartbeat").inc()
             log.warning("heartbeat_failed", error=str(exc))
             return
         lost = {held[move_id] for move_id in set(held) - renewed}
@@ -284,6 +294,7 @@ class Poller:
                 block=self.config.block_on_failure,
             )
         except Exception as exc:
+            metrics.ERRORS.labels("postgres", "recover").inc()
             log.warning("recover_failed", error=str(exc))
             return
         if n:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from reactor import logs
+from reactor import logs, metrics
 from reactor.domain import Upload
 from reactor.ingest import Ingestor
 from reactor.objectstore import Listed
@@ -77,6 +77,7 @@ class Reconciler:
                     report.enqueued += result.enqueued + result.failed_at_enqueue
                     report.already_known += result.duplicate
                     report.unmatched += result.ignored
+        metrics.RECONCILE_FOUND.inc(report.enqueued)
         if report.enqueued:
             log.warning("reconcile_found_missed_uploads", **report.__dict__)
         else:

@@ -7,10 +7,14 @@ from datetime import UTC, datetime
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
-from reactor import logs
+from reactor import logs, metrics
 from reactor.domain import OnConflict
 from reactor.errors import ConfigError, DatabaseUnavailable, ObjectStoreError
 from reactor.ingest import Ingestor
@@ -97,7 +101,7 @@ class Service:
     def _stop(self) -> None:
         """Stop taking work, let running moves finish while heartbeats keep their leases, then stop."""
         self.poller.stop_claiming()
-        for job_id in ("poll", "recover", "reconcile"):
+        for job_id in ("poll", "recover", "reconcile", "prune"):
             if self.scheduler.get_job(job_id) is not None:
                 self.scheduler.remove_job(job_id)
         self.notify.stop()
@@ -155,11 +159,29 @@ def build(settings: Settings) -> Service:
             try:
                 reconciler.sweep()
             except (DatabaseUnavailable, ObjectStoreError) as exc:
+                metrics.RECONCILE_RUNS.labels("error").inc()
                 log.warning("reconcile_failed", error=str(exc))
+            else:
+                metrics.RECONCILE_RUNS.labels("ok").inc()
 
         scheduler.add_job(
             sweep, "interval", seconds=settings.reconcile_interval, id="reconcile", next_run_time=now
         )
+    if settings.retention_days is not None:
+        retention_days = settings.retention_days
+
+        def prune() -> None:
+            try:
+                pruned = outbox.prune(older_than_days=retention_days)
+            except DatabaseUnavailable as exc:
+                log.warning("prune_failed", error=str(exc))
+                return
+            if pruned:
+                metrics.PRUNED.inc(pruned)
+                log.info("pruned", moves=pruned, older_than_days=retention_days)
+
+        scheduler.add_job(prune, "interval", hours=1, id="prune", next_run_time=now)
+    metrics.register_queue(outbox.queue_gauges)
     notify = NotifyListener(libpq_conninfo(database_url), poller.wake)
     listeners: list[BucketListener] = []
     if settings.listen:
@@ -181,6 +203,11 @@ def build(settings: Settings) -> Service:
     )
 
 
+async def _metrics_endpoint(_request: Request) -> Response:
+    body = await run_in_threadpool(metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 def run(settings: Settings) -> None:
     service = build(settings)
     token = settings.webhook_token.get_secret_value() if settings.webhook_token is not None else None
@@ -198,6 +225,8 @@ def run(settings: Settings) -> None:
         on_start=service.start_background,
         on_stop=service.stop,
     )
+    app.add_route("/metrics", _metrics_endpoint, methods=["GET"])
+    app.add_middleware(metrics.WebhookMetrics)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -119,6 +119,8 @@ moves = Table(
     Index("ix_moves_running_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
     Index("ix_moves_enqueued_at", "enqueued_at"),
     Index("ix_moves_status_failed", "id", postgresql_where=text("status = 'failed'")),
+    # Retention prunes finished history oldest first, in batches.
+    Index("ix_moves_finished_at", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
 )
 
 # Append-only audit trail: one row per state change and per attempt.

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # The sweep that catches uploads whose notification was lost; 0 turns the scheduled sweep off.
     reconcile_interval: float = Field(default=60.0, ge=0.0)
     reconcile_grace: float = Field(default=30.0, ge=0.0)
+    # Finished moves older than this many days are pruned (hourly, one instance at a time);
+    # unset keeps history forever.
+    retention_days: float | None = Field(default=None, gt=0.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 

@@ -155,3 +155,28 @@ SELECT reactor.refresh_key(:order_key);
 UPDATE reactor.moves SET target_etag = :target_etag
  WHERE id = :move_id AND lease_token = :lease_token AND status = 'running'
 RETURNING id;
+
+-- name: prune_finished
+-- Retention: delete one batch of finished moves (their events go with them, ON DELETE CASCADE),
+-- oldest first through ix_moves_finished_at. A failed move that blocks its key is not history.
+-- Small batches keep each transaction short, so pruning never holds up the claim path.
+WITH doomed AS (
+    SELECT id FROM reactor.moves
+     WHERE finished_at < now() - make_interval(secs => :older_than_seconds)
+       AND NOT blocking
+     ORDER BY finished_at
+     LIMIT :batch
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM reactor.moves m USING doomed WHERE m.id = doomed.id
+RETURNING m.id;
+
+-- name: queue_gauges
+-- Everything /metrics reports about the queue, in one cheap query over the open-move index.
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE blocking) AS blocked,
+       coalesce(extract(epoch FROM now() - min(enqueued_at) FILTER (WHERE status = 'pending')), 0)
+           AS oldest_pending_seconds
+  FROM reactor.moves
+ WHERE status IN ('pending', 'running') OR blocking;

@@ -39,7 +39,8 @@ def conninfo(database_url: str) -> str:
 
 def sql(database_url: str, query: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     with psycopg.connect(conninfo(database_url), autocommit=True, row_factory=dict_row) as conn:
-        return list(conn.execute(query, params or {}).fetchall())  # type: ignore[arg-type]
+        cursor = conn.execute(query, params or {})  # type: ignore[arg-type]
+        return list(cursor.fetchall()) if cursor.description is not None else []
 
 
 def history(

@@ -607,3 +607,38 @@ def test_copy_sources_exist_and_are_not_ignored(dockerfile: Dockerfile) -> None:
                 assert path.split("/")[0] not in ignored, f"{where}: {source} is excluded by {DOCKERIGNORE}"
                 matched = True
             assert matched, f"{where}: no COPY source matches a file (Docker fails on that)"
+
+
+def test_alert_rules_use_metrics_the_reactor_exports() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from reactor import metrics
+
+    metrics.register_queue(lambda: {"pending": 0, "running": 0, "blocked": 0, "oldest_pending_seconds": 0})
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+    exported |= {f"{m.name}" for m in metrics.registry.collect()}
+    rules = yaml.safe_load((ROOT / "docker" / "prometheus" / "alerts.yml").read_text(encoding="utf-8"))
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert {a["alert"] for a in alerts} >= {
+        "ReactorMovesFailed",
+        "ReactorKeyBlocked",
+        "ReactorOldestPendingTooOld",
+        "ReactorWebhook5xx",
+    }
+    for alert in alerts:
+        used = set(re.findall(r"\b(reactor_[a-z_]+)", alert["expr"]))
+        assert used, f"alert {alert['alert']} uses no reactor metric"
+        unknown = {
+            name
+            for name in used
+            if name not in exported
+            and name.removesuffix("_count") not in exported
+            and name.removesuffix("_total") not in exported
+        }
+        assert not unknown, (
+            f"alert {alert['alert']} uses {sorted(unknown)}, which reactor/metrics.py does not export"
+        )
