@@ -7,6 +7,7 @@ Whatever the input, the only exception raised is EventError, whose message names
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -16,7 +17,11 @@ from reactor.domain import Ignored, Notice, Upload
 from reactor.errors import EventError
 
 __all__ = [
+    "MAX_ETAG_BYTES",
+    "MAX_KEY_BYTES",
     "MAX_RECORDS",
+    "MAX_SIZE",
+    "MAX_VERSION_ID_BYTES",
     "REACTOR_USER_AGENT_MARK",
     "UPLOAD_EVENTS",
     "parse_listen_event",
@@ -36,6 +41,15 @@ UPLOAD_EVENTS: Final[frozenset[str]] = frozenset(
 )
 
 MAX_RECORDS: Final[int] = 10_000
+
+# Limits of what MinIO can describe, checked on every upload so that what passes can be stored: a NUL,
+# a lone surrogate, NaN, an integer past bigint or an index entry past PostgreSQL's btree limit (about
+# 2,700 bytes for bucket, key, version and eTag together) would fail the INSERT, and the webhook would
+# answer 500 and promise a retry that can never succeed.
+MAX_KEY_BYTES: Final[int] = 1024  # S3's limit: MinIO refuses a longer key
+MAX_VERSION_ID_BYTES: Final[int] = 1024  # S3's limit for version ids (MinIO's are 36-character UUIDs)
+MAX_ETAG_BYTES: Final[int] = 256  # an MD5 in hex, with "-N" for multipart uploads: 45 at most in practice
+MAX_SIZE: Final[int] = 2**63 - 1  # Go's int64 in MinIO, bigint in PostgreSQL
 
 _HEX_RE: Final = re.compile(r"[0-9A-Fa-f]+")
 _SEQUENCER_DIGITS: Final = 16  # int64 nanoseconds in hex: zero-padded, they sort as the times do
@@ -119,15 +133,23 @@ def _parse_record(record: Any, where: str, decode_key: _KeyDecoder) -> Notice:
         raise EventError(f"{where}.s3.object.key is empty")
     if not _is_utf8(key):
         raise EventError(f"{where}.s3.object.key {_show(key)} holds a lone surrogate, which no S3 key can")
+    if "\x00" in key:
+        raise EventError(f"{where}.s3.object.key {_show(key)} holds a NUL character, which no S3 key can")
+    _check_length(key, MAX_KEY_BYTES, f"{where}.s3.object.key")
     etag = _required_str(record, where, "s3", "object", "eTag").strip('"')
     if not etag:
         raise EventError(f"{where}.s3.object.eTag is empty")
+    _check_length(etag, MAX_ETAG_BYTES, f"{where}.s3.object.eTag")
     size = _required_int(record, where, "s3", "object", "size")
     if size < 0:
         raise EventError(f"{where}.s3.object.size must be >= 0, got {_show(size)}")
+    if size > MAX_SIZE:
+        raise EventError(f"{where}.s3.object.size must be at most 2**63-1 (int64), got {_show(size)}")
     version_id = _optional_str(record, where, "s3", "object", "versionId")
     if version_id == "null":
         version_id = ""  # what MinIO reports for an unversioned object
+    _check_length(version_id, MAX_VERSION_ID_BYTES, f"{where}.s3.object.versionId")
+    _check_storable(record, where)
     return Upload(
         bucket=bucket,
         key=key,
@@ -154,6 +176,66 @@ def _sequencer(record: Mapping[str, Any], where: str) -> str:
             f"{where}.s3.object.sequencer must be at most {_SEQUENCER_DIGITS} hex digits, got {_show(value)}"
         )
     return digits
+
+
+def _check_length(text: str, limit: int, path: str) -> None:
+    """EventError when text is longer than limit bytes in UTF-8, or is not UTF-8 at all."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise EventError(f"{path} holds a lone surrogate, which is not UTF-8") from None
+    if size > limit:
+        raise EventError(f"{path} is {size} bytes long; MinIO never sends more than {limit} bytes there")
+
+
+def _check_storable(record: Mapping[str, Any], where: str) -> None:
+    """EventError naming the first value in the record that JSON in PostgreSQL cannot hold: a string
+    (or member name) with a NUL or a lone surrogate, or a float that is not finite (Python's json reads
+    NaN, Infinity and 1e999; JSON and jsonb have none of them). One C-speed serialisation tells whether
+    the record is fine; only a suspect one is walked, to name the culprit."""
+    try:
+        text = json.dumps(dict(record), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as error:
+        _find_unstorable(record, where)
+        raise EventError(f"{where} cannot be written as JSON: {error}") from None
+    # NUL is always written as an escape; a lone surrogate stays as it is and does not encode.
+    if "\\u0000" in text or not _is_utf8(text):
+        _find_unstorable(record, where)  # a backslash before "u0000" in some string is fine after all
+
+
+def _find_unstorable(record: Mapping[str, Any], where: str) -> None:
+    """The walk behind _check_storable. It uses an explicit stack, as the record may be nested as deeply
+    as the JSON parser allowed, and visits each container once: a mapping handed to parse_listen_event
+    may share parts, or even hold itself (which serialising then refuses)."""
+    stack: list[tuple[str, Any]] = [(where, record)]
+    seen: set[int] = set()
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise EventError(f"{path} is {value!r}, which is not a JSON number")
+        elif value is None or isinstance(value, bool | int | float) or id(value) in seen:
+            continue
+        elif isinstance(value, Mapping):
+            seen.add(id(value))
+            for name, item in value.items():
+                if not isinstance(name, str):
+                    raise EventError(f"{path} has a member name that is {_kind(name)}, not a string")
+                _check_text(name, f"{path} member name {_show(name)}")
+                stack.append((f"{path}.{name}", item))
+        elif isinstance(value, list | tuple):
+            seen.add(id(value))
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+        else:
+            raise EventError(f"{path} is {_kind(value)}, which is not a JSON value")
+
+
+def _check_text(text: str, path: str) -> None:
+    if "\x00" in text:
+        raise EventError(f"{path} holds a NUL character, which MinIO never sends and PostgreSQL cannot store")
+    if not _is_utf8(text):
+        raise EventError(f"{path} holds a lone surrogate, which is not UTF-8")
 
 
 def _is_utf8(text: str) -> bool:

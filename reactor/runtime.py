@@ -222,6 +222,7 @@ def run(settings: Settings) -> None:
         ping=ping,
         token=token,
         max_body=settings.webhook_max_body,
+        body_timeout=settings.webhook_body_timeout,
         on_start=service.start_background,
         on_stop=service.stop,
     )

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None
     allow_unauthenticated: bool = False
     webhook_max_body: int = Field(default=1024 * 1024, ge=1024)
+    webhook_body_timeout: float = Field(default=10.0, gt=0.0, le=300.0)
     listen: bool = False
     concurrency: int = Field(default=8, ge=1, le=256)
     max_attempts: int = Field(default=5, ge=1, le=1000)
