@@ -44,6 +44,9 @@ def run_migrations_online() -> None:
                 context.run_migrations()
             connection.commit()
         finally:
+            # A failed migration leaves the transaction aborted: roll back first, or the unlock
+            # fails too and hides the real error.
+            connection.rollback()
             connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
             connection.commit()
     engine.dispose()

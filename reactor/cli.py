@@ -60,7 +60,7 @@ def main() -> None:
 @_friendly
 def migrate() -> None:
     """Create or upgrade the database schema (safe to run from several instances at once)."""
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError
 
     from reactor.migrate import upgrade
 
@@ -70,6 +70,11 @@ def migrate() -> None:
     except OperationalError as exc:
         raise ReactorError(
             f"cannot reach PostgreSQL to migrate: {exc.orig or exc}; check REACTOR_DATABASE_URL"
+        ) from None
+    except DBAPIError as exc:
+        raise ReactorError(
+            f"migration failed: {exc.orig or exc}; `reactor migrate` needs the role that owns the reactor "
+            "schema (see docs/security.md), not the service role"
         ) from None
     click.echo("database schema is up to date")
 

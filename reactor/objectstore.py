@@ -8,7 +8,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import urllib3
 from minio import Minio
@@ -18,7 +18,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.util import Retry
 
 from reactor import __version__
-from reactor.errors import ObjectStoreError
+from reactor.errors import ConfigError, ObjectStoreError
 
 # Part of the User-Agent of every request the reactor makes; notifications of the reactor's own
 # writes carry it in source.userAgent, which is how ingestion ignores them.
@@ -70,6 +70,128 @@ def _code(exc: S3Error) -> str:
     return exc.code or ""
 
 
+class MinioTLSError(ObjectStoreError, urllib3.exceptions.SSLError):
+    """TLS to MinIO failed: the certificate cannot be verified, or one side does not speak TLS.
+
+    Both a ReactorError (so a CLI command prints the message, never a traceback) and a urllib3
+    SSLError (so every caller that handles MinIO's transport errors handles this one too: moves
+    retry, listeners reconnect). The message names the setting to fix.
+    """
+
+
+# Go's net/http answers a plain HTTP request on a TLS port with exactly this body.
+_PLAIN_TO_TLS = b"Client sent an HTTP request to an HTTPS server"
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _EMAIL_MISMATCH and _IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 63, 64})
+# OpenSSL's reasons when the peer answers a TLS handshake with something that is not TLS.
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"}
+)
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl module's error behind urllib3's wrappers (MaxRetryError -> SSLError -> ssl.SSLError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException) and id(reason) not in seen:
+            current = reason
+            continue
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def check_ca_file(ca_file: str | None, *, secure: bool) -> None:
+    """Refuse at start a CA file that cannot work, instead of failing every request later."""
+    if ca_file is None:
+        return
+    if not secure:
+        raise ConfigError(
+            "REACTOR_MINIO_CA_FILE is set but REACTOR_MINIO_SECURE is not true: the CA would be ignored "
+            "and MinIO reached over plain HTTP. Set REACTOR_MINIO_SECURE=true, or unset REACTOR_MINIO_CA_FILE"
+        )
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"REACTOR_MINIO_CA_FILE holds no usable PEM CA certificate ({exc.reason or exc}): point it at "
+            "the PEM file of the CA that signed MinIO's certificate"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"REACTOR_MINIO_CA_FILE cannot be read ({exc.strerror or exc}): point it at an existing, "
+            "readable PEM file of the CA that signed MinIO's certificate"
+        ) from None
+
+
+class _MinioPool(urllib3.PoolManager):
+    """A PoolManager that turns TLS failures into a MinioTLSError saying what to change."""
+
+    def __init__(self, *, endpoint: str, secure: bool, ca_file: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._endpoint = endpoint
+        self._secure = secure
+        self._ca_file = ca_file
+
+    def urlopen(  # type: ignore[override]  # PoolManager's own signature, as urllib3 declares it
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
+        try:
+            response = super().urlopen(method, url, redirect=redirect, **kw)
+        except MinioTLSError:
+            raise  # already explained (a redirect goes through this method again)
+        except urllib3.exceptions.HTTPError as exc:
+            cause = _ssl_cause(exc)
+            if cause is None:
+                raise
+            raise MinioTLSError(self._explain(cause)) from exc
+        if (
+            not self._secure
+            and response.status == 400
+            and kw.get("preload_content", True)
+            and (response.data or b"").startswith(_PLAIN_TO_TLS)
+        ):
+            raise MinioTLSError(
+                f"MinIO at {self._endpoint} serves HTTPS but REACTOR_MINIO_SECURE is not true: set "
+                "REACTOR_MINIO_SECURE=true (and REACTOR_MINIO_CA_FILE if its certificate comes from a "
+                "private CA)"
+            )
+        return response
+
+    def _explain(self, cause: ssl.SSLError) -> str:
+        where = f"MinIO at {self._endpoint}"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            problem = (cause.verify_message or cause.reason or str(cause)).rstrip(".")
+            if cause.verify_code in _NAME_MISMATCH:
+                return (
+                    f"cannot verify the TLS certificate of {where}: {problem}. Reach MinIO by a name or "
+                    "address the certificate lists (REACTOR_MINIO_ENDPOINT), or reissue the certificate"
+                )
+            if self._ca_file:
+                fix = (
+                    "REACTOR_MINIO_CA_FILE does not hold the CA that signed MinIO's certificate (or the "
+                    "certificate is not valid now): point it at the PEM file of that CA"
+                )
+            else:
+                fix = (
+                    "a certificate from a private CA needs REACTOR_MINIO_CA_FILE set to the PEM file of "
+                    "that CA"
+                )
+            return f"cannot verify the TLS certificate of {where}: {problem}. {fix}"
+        reason = cause.reason or str(cause)
+        hint = ""
+        if reason in _NOT_TLS:
+            hint = (
+                ": it does not seem to speak TLS. Start MinIO with a certificate (public.crt and "
+                "private.key in its --certs-dir), or set REACTOR_MINIO_SECURE=false"
+            )
+        return f"TLS handshake with {where} failed ({reason}){hint}"
+
+
 class MinioStore:
     """ObjectStore over minio-py with a connection pool sized to the concurrency and bounded retries."""
 
@@ -95,7 +217,11 @@ class MinioStore:
             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
         ]
-        http = urllib3.PoolManager(
+        check_ca_file(ca_file, secure=secure)
+        http = _MinioPool(
+            endpoint=endpoint,
+            secure=secure,
+            ca_file=ca_file,
             maxsize=pool_size,
             block=False,
             socket_options=[*HTTPConnection.default_socket_options, *keepalive],

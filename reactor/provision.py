@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 from minio.notificationconfig import NotificationConfig, PrefixFilterRule, QueueConfig
 
 from reactor.errors import ReactorError
@@ -36,6 +37,8 @@ def setup(client: Minio, rules: RuleSet, arn: str | None) -> list[str]:
             for bucket in sorted(rules.source_buckets):
                 if _subscribe(client, bucket, rules.prefixes(bucket), arn):
                     changes.append(f"subscribed {bucket} (prefixes {list(rules.prefixes(bucket))}) to {arn}")
+    except ReactorError:
+        raise
     except S3Error as exc:
         hint = ""
         if "ARN" in (exc.code or "") or "arn" in str(exc).lower():
@@ -44,6 +47,11 @@ def setup(client: Minio, rules: RuleSet, arn: str | None) -> list[str]:
                 "(MINIO_NOTIFY_WEBHOOK_ENABLE_<ID>=on ...), e.g. arn:minio:sqs::<ID>:webhook"
             )
         raise ReactorError(f"setup failed: MinIO answered {exc.code}: {exc.message}{hint}") from exc
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ReactorError(
+            f"setup failed: cannot talk to MinIO ({type(exc).__name__}: {exc}); check REACTOR_MINIO_ENDPOINT "
+            "and REACTOR_MINIO_SECURE"
+        ) from None
     return changes
 
 

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
             raise ValueError("must be a PostgreSQL URL such as postgresql://user:password@host:5432/db")
         return value
 
+    @field_validator("minio_ca_file", "rules", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("webhook_token")
     @classmethod
     def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
