@@ -25,5 +25,9 @@ class ObjectStoreError(ReactorError):
     """MinIO answered with an error that a retry may fix."""
 
 
+class ObjectStoreUnavailable(ObjectStoreError):
+    """MinIO cannot be reached at all (refused, reset, timed out, 503): an outage, not a bad move."""
+
+
 class LeaseLost(ReactorError):
     """This worker's claim on a move was taken over; it must stop touching the move."""

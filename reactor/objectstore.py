@@ -13,12 +13,12 @@ from typing import Any, Protocol
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import MinioException, S3Error
+from minio.error import MinioException, S3Error, ServerError
 from urllib3.connection import HTTPConnection
 from urllib3.util import Retry
 
 from reactor import __version__
-from reactor.errors import ConfigError, ObjectStoreError
+from reactor.errors import ConfigError, ObjectStoreError, ObjectStoreUnavailable
 
 # Part of the User-Agent of every request the reactor makes; notifications of the reactor's own
 # writes carry it in source.userAgent, which is how ingestion ignores them.
@@ -64,6 +64,29 @@ class ObjectStore(Protocol):
         self, bucket: str, key: str, *, version_id: str = "", if_match: str = "", algorithm: str
     ) -> str | None:
         """Hash the object's bytes while streaming them; None when missing or no longer that version."""
+
+
+_OUTAGE_CODES = frozenset({"ServiceUnavailable", "SlowDown", "XMinioServerNotInitialized", "InternalError"})
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Connection-level failures and 'try later' answers, as opposed to errors about this move."""
+    if isinstance(exc, MinioTLSError):
+        return False  # a configuration problem: retrying will not fix it
+    if isinstance(exc, S3Error):
+        return _code(exc) in _OUTAGE_CODES
+    if isinstance(exc, ServerError):
+        return exc.status_code >= 500
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        return exc.reason is None or _is_outage(exc.reason)
+    return isinstance(
+        exc,
+        urllib3.exceptions.NewConnectionError
+        | urllib3.exceptions.ConnectTimeoutError
+        | urllib3.exceptions.ProtocolError
+        | urllib3.exceptions.ReadTimeoutError
+        | ConnectionError,
+    )
 
 
 def _code(exc: S3Error) -> str:
@@ -242,7 +265,18 @@ class MinioStore:
         self.endpoint = endpoint
 
     def _error(self, what: str, exc: Exception) -> ObjectStoreError:
-        return ObjectStoreError(f"MinIO at {self.endpoint} failed to {what}: {exc}")
+        kind = ObjectStoreUnavailable if _is_outage(exc) else ObjectStoreError
+        return kind(f"MinIO at {self.endpoint} failed to {what}: {exc}")
+
+    def ping(self, bucket: str) -> bool:
+        """Whether MinIO answers at all (an access error is an answer)."""
+        try:
+            self.client.bucket_exists(bucket)
+        except S3Error:
+            return True
+        except (MinioException, urllib3.exceptions.HTTPError, OSError):
+            return False
+        return True
 
     def stat(self, bucket: str, key: str, version_id: str = "") -> ObjectInfo | None:
         try:

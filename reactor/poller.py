@@ -26,7 +26,7 @@ import psycopg
 
 from reactor import decision, logs, metrics
 from reactor.domain import MoveId, MoveStatus, OnConflict
-from reactor.errors import DatabaseUnavailable, LeaseLost
+from reactor.errors import DatabaseUnavailable, LeaseLost, ObjectStoreUnavailable
 from reactor.mover import MoveOrder, Mover, MoveResult
 from reactor.outbox import ClaimedMove, Finish, Outbox
 
@@ -76,11 +76,18 @@ class Poller:
         mover: Mover,
         config: PollerConfig,
         on_conflict: Callable[[str], OnConflict],
+        store_alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self.outbox = outbox
         self.mover = mover
         self.config = config
         self.on_conflict = on_conflict
+        # Circuit breaker for MinIO outages: after a move fails because MinIO cannot be reached,
+        # stop claiming (each claim would burn an attempt) until a cheap probe answers again.
+        self.store_alive = store_alive
+        self._store_down = False
+        self._next_probe = 0.0
+        self._probe_delay = 0.5
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="move")
         self.in_flight: dict[MoveId, ClaimedMove] = {}
         # Keyed by lease token, not move id: the same move may be claimed again by this worker
@@ -109,11 +116,44 @@ class Poller:
             finally:
                 self._claiming.release()
 
+    def _store_unavailable(self) -> None:
+        with self._state:
+            if self._store_down:
+                return
+            self._store_down = True
+            self._probe_delay = 0.5
+            self._next_probe = time.monotonic() + self._probe_delay
+        log.warning("minio_unavailable_pausing_claims")
+
+    def _store_ready(self) -> bool:
+        """False while MinIO is known to be down; probes it at most every few seconds."""
+        with self._state:
+            if not self._store_down:
+                return True
+            if time.monotonic() < self._next_probe:
+                return False
+        alive = False
+        try:
+            alive = self.store_alive()
+        except Exception:  # a failing probe is a 'no'
+            alive = False
+        with self._state:
+            if alive:
+                self._store_down = False
+            else:
+                self._probe_delay = min(self._probe_delay * 2, 5.0)
+                self._next_probe = time.monotonic() + self._probe_delay
+        if alive:
+            log.warning("minio_available_resuming_claims")
+        return alive
+
     def _claim_batch(self) -> None:
         with self._state:
             free = self.config.concurrency - len(self.in_flight)
         if free <= 0:
             return  # a finishing move calls wake() again
+        if not self._store_ready():
+            return  # the interval poll calls again and probes
         try:
             claimed = self.outbox.claim(
                 free, worker=self.config.worker, lease_seconds=self.config.lease_seconds
@@ -192,6 +232,8 @@ class Poller:
             return
         except Exception as exc:  # any S3 or network error: this attempt failed, retry later
             metrics.ERRORS.labels("minio", "move").inc()
+            if isinstance(exc, ObjectStoreUnavailable):
+                self._store_unavailable()
             result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         outcome = self._outcome(move, result)
         self.step_hook(move, "finish")

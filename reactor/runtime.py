@@ -139,6 +139,7 @@ def build(settings: Settings) -> Service:
             retry_max_delay=settings.retry_max_delay,
         ),
         on_conflict=on_conflict,
+        store_alive=lambda: store.ping(min(rules.source_buckets)),
     )
     ingestor = Ingestor(rules=rules, outbox=outbox, worker=settings.instance_id)
     reconciler = Reconciler(

@@ -107,12 +107,16 @@ def readyz(url: str) -> int:
         return int(exc.code)
 
 
+@pytest.mark.parametrize(
+    "outage", [pytest.param(3.0, id="3s"), pytest.param(30.0, id="30s", marks=pytest.mark.slow)]
+)
 def test_postgres_stopped_while_uploads_continue_loses_nothing(
     tmp_path: Path,
     minio: MinioStack,
     own_postgres: PostgresServer,
     buckets: BucketNames,
     spawn_reactor: ReactorSpawner,
+    outage: float,
 ) -> None:
     # Given a reactor on its own PostgreSQL, behind MinIO's webhook queue
     own_postgres.create_database("outage")
@@ -133,8 +137,9 @@ def test_postgres_stopped_while_uploads_continue_loses_nothing(
         key = f"det/t{i % 2}/during{i}.jpg"
         digests[key] = put(client, src, key, os.urandom(64))
     wait_for(lambda: readyz(reactor.url) == 503, timeout=10, what="/readyz to report the outage")
-    time.sleep(3)
+    time.sleep(outage)
     assert reactor.alive, reactor.log_tail()
+    assert readyz(reactor.url) == 503  # still reporting the outage while it lasts
     own_postgres.start()
 
     # Then MinIO's queue redelivers what got 503s, and every upload is moved
