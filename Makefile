@@ -16,6 +16,7 @@ BIN := $(ROOT)/.bin
 MINIO_BIN := $(BIN)/minio
 MINIO_STAMP := $(BIN)/minio.version
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # The first interpreter >= 3.11 that really runs (pyenv has shims for versions that are not active).
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
@@ -23,7 +24,7 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	done; true)
 GO ?= $(shell command -v go || { test -x /usr/local/go/bin/go && echo /usr/local/go/bin/go; } || true)
 
-.PHONY: help venv minio print-minio-version run test lint chaos fmt clean distclean
+.PHONY: help venv minio print-minio-version run test lint chaos bench fmt clean distclean
 
 help:
 	@echo "make venv        .venv with the project and its dev tools (again only when pyproject.toml changes)"
@@ -31,6 +32,7 @@ help:
 	@echo "make run         PostgreSQL + MinIO + the reactor on loopback, state in .stack/ (Ctrl-C stops all)"
 	@echo "make test        unit, integration and fast chaos tests (real PostgreSQL and MinIO)"
 	@echo "make chaos       every chaos test, slow ones included"
+	@echo "make bench       throughput/latency table vs raw, seed-style, procrastinate (BENCH_ARGS=--quick: smoke run)"
 	@echo "make lint        ruff check, ruff format --check, mypy --strict"
 	@echo "make fmt         ruff format and ruff check --fix"
 	@echo "make clean       caches and build leftovers (keeps .venv, .bin, .stack); distclean removes those too"
@@ -97,6 +99,10 @@ test: venv minio
 
 chaos: venv minio
 	cd "$(ROOT)" && "$(VENV)/bin/pytest" tests/chaos $(PYTEST_ARGS)
+
+# Starts its own PostgreSQL and MinIO on free loopback ports; results in bench/results/ (see bench/README.md).
+bench: venv minio
+	cd "$(ROOT)" && "$(PY)" -m bench.run $(BENCH_ARGS)
 
 lint: venv
 	cd "$(ROOT)" && "$(VENV)/bin/ruff" check .

@@ -1,0 +1,147 @@
+"""The rows without a database: `raw` (the physical limit) and `seed-style` (what teams write by hand).
+
+Both get each upload in-process the moment its PUT returns, so they pay nothing for ingestion: they
+are the yardstick, not a fair peer on durability. CPU is the mover threads' own (time.thread_time),
+so the uploader's work is not counted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+
+from minio import Minio
+from minio.commonconfig import CopySource
+
+from bench.common import RowResult, Uploaded, Workload, check_moved, upload_all
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.removed: dict[str, float] = {}
+        self.cpu = 0.0
+        self.errors: list[str] = []
+
+    def done(self, key: str) -> None:
+        with self.lock:
+            self.removed[key] = time.time()
+
+    def error(self, key: str, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append(f"{key}: {type(exc).__name__}: {exc}")
+
+    def add_cpu(self) -> None:
+        spent = time.thread_time()
+        with self.lock:
+            self.cpu += spent
+
+
+def _finish(  # noqa: PLR0917
+    row: str,
+    workload: Workload,
+    client: Minio,
+    source: str,
+    target: str,
+    uploads: list[Uploaded],
+    tally: _Tally,
+) -> RowResult:
+    result = RowResult(row=row, workload=workload.name, count=workload.count)
+    result.moved, note = check_moved(client, source, target, uploads)
+    if note:
+        result.notes.append(note)
+    if tally.errors:
+        result.notes.append(f"{len(tally.errors)} error(s), first: {tally.errors[0]}")
+    if uploads and tally.removed:
+        first = min(u.started for u in uploads)
+        result.moves_per_s = len(tally.removed) / max(1e-9, max(tally.removed.values()) - first)
+        result.latencies = [tally.removed[u.key] - u.done for u in uploads if u.key in tally.removed]
+    result.cpu_seconds = tally.cpu
+    result.db_xacts = 0
+    return result
+
+
+def run_raw(
+    client: Minio, source: str, target: str, workload: Workload, *, concurrency: int, deadline: float
+) -> RowResult:
+    """A bare loop of `concurrency` threads: copy (if-match) + stat + remove; no database, no order."""
+    todo: queue.Queue[Uploaded | None] = queue.Queue()
+    tally = _Tally()
+
+    def mover() -> None:
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    item = todo.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                try:
+                    client.copy_object(target, item.key, CopySource(source, item.key, match_etag=item.etag))
+                    stat = client.stat_object(target, item.key)
+                    if (stat.etag or "").strip('"') != item.etag or stat.size != item.size:
+                        raise RuntimeError(f"target differs: {stat.etag} {stat.size}")  # noqa: TRY301
+                    client.remove_object(source, item.key)
+                except Exception as exc:
+                    tally.error(item.key, exc)
+                    continue
+                tally.done(item.key)
+        finally:
+            tally.add_cpu()
+
+    threads = [threading.Thread(target=mover, name=f"raw-{n}", daemon=True) for n in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        uploads = upload_all(client, source, workload, deadline=deadline, on_uploaded=todo.put)
+    finally:
+        for _ in threads:
+            todo.put(None)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    return _finish("raw", workload, client, source, target, uploads, tally)
+
+
+def run_seed(client: Minio, source: str, target: str, workload: Workload, *, deadline: float) -> RowResult:
+    """The common hand-written fix: one thread per event, an in-process mutex per task, copy + remove.
+    No verification, no durability, and threading.Lock is not FIFO, so a task's moves may run out of
+    upload order."""
+    tally = _Tally()
+    locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+    guard = threading.Lock()
+    threads: list[threading.Thread] = []
+
+    def move(item: Uploaded) -> None:
+        try:
+            with guard:
+                lock = locks[item.task]
+            with lock:
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    client.copy_object(target, item.key, CopySource(source, item.key))
+                    client.remove_object(source, item.key)
+                except Exception as exc:
+                    tally.error(item.key, exc)
+                    return
+                tally.done(item.key)
+        finally:
+            tally.add_cpu()
+
+    def on_event(item: Uploaded) -> None:
+        thread = threading.Thread(target=move, args=(item,), name=f"seed-{item.key}", daemon=True)
+        with guard:
+            threads.append(thread)
+        thread.start()
+
+    try:
+        uploads = upload_all(client, source, workload, deadline=deadline, on_uploaded=on_event)
+    finally:
+        with guard:
+            started = list(threads)
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    return _finish("seed-style", workload, client, source, target, uploads, tally)
