@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support.e2e import (
+    alerts_rule,
     history,
     keys,
     nudging,
@@ -21,18 +22,6 @@ from tests.support.e2e import (
     write_rules,
 )
 from tests.support.stack import BucketNames, MinioStack, ReactorSpawner, reactor_env, run_cli
-
-
-def alerts_rule(src: str, dst: str, **extra: str) -> dict[str, str]:
-    return {
-        "name": "alerts",
-        "source_bucket": src,
-        "pattern": "{task_type}/{task_id}/{filename}",
-        "target_bucket": dst,
-        "target": "{task_type}/{task_id}/{filename}",
-        "order_key": "{task_id}",
-        **extra,
-    }
 
 
 def setup_stack(minio: MinioStack, database_url: str, rules: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tests.support.e2e import (
+    alerts_rule,
     events_of,
     history,
     nudging,
@@ -19,24 +20,12 @@ from tests.support.e2e import (
 from tests.support.stack import BucketNames, MinioStack, ReactorSpawner, reactor_env, run_cli
 
 
-def rule(src: str, dst: str, **extra: str) -> dict[str, str]:
-    return {
-        "name": "alerts",
-        "source_bucket": src,
-        "pattern": "{task_type}/{task_id}/{filename}",
-        "target_bucket": dst,
-        "target": "{task_type}/{task_id}/{filename}",
-        "order_key": "{task_id}",
-        **extra,
-    }
-
-
 def test_on_conflict_fail_with_block_stops_the_key_until_retry(
     tmp_path: Path, minio: MinioStack, database_url: str, buckets: BucketNames, spawn_reactor: ReactorSpawner
 ) -> None:
     # Given on_conflict=fail, REACTOR_ON_FAILURE=block, and a target that already holds other bytes
     src, dst = buckets("img"), buckets("alr")
-    rules = write_rules(tmp_path / "rules.toml", rule(src, dst, on_conflict="fail"))
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst, on_conflict="fail"))
     env = reactor_env(minio, database_url=database_url, rules_path=rules)
     run_cli(["setup"], env=env, check=True)
     client = minio.client()
@@ -75,7 +64,7 @@ def test_on_conflict_skip_leaves_both_and_records_a_note(
     tmp_path: Path, minio: MinioStack, database_url: str, buckets: BucketNames, spawn_reactor: ReactorSpawner
 ) -> None:
     src, dst = buckets("img"), buckets("alr")
-    rules = write_rules(tmp_path / "rules.toml", rule(src, dst, on_conflict="skip"))
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst, on_conflict="skip"))
     run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
     client = minio.client()
     theirs = put(client, dst, "det/t1/a.jpg", b"theirs")
@@ -93,7 +82,7 @@ def test_a_failing_move_retries_with_backoff_and_its_key_waits(
 ) -> None:
     # Given a target bucket that does not exist yet (every copy fails)
     src, dst = buckets.make("img"), buckets("alr")
-    rules = write_rules(tmp_path / "rules.toml", rule(src, dst))
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     client = minio.client()
     fast_retries = {
         "REACTOR_LISTEN": "true",
@@ -147,7 +136,7 @@ def test_cli_reports_bad_configuration_clearly(tmp_path: Path, minio: MinioStack
     exposed = reactor_env(
         minio,
         database_url=database_url,
-        rules_path=write_rules(tmp_path / "ok.toml", rule("aaa", "bbb")),
+        rules_path=write_rules(tmp_path / "ok.toml", alerts_rule("aaa", "bbb")),
         env={"REACTOR_HTTP_ADDR": "0.0.0.0:8999"},
     )
     del exposed["REACTOR_WEBHOOK_TOKEN"]

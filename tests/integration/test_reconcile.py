@@ -6,22 +6,8 @@ import os
 import threading
 from pathlib import Path
 
-from tests.support.e2e import history, put, sha256_of, sql, wait_for, wait_settled, write_rules
+from tests.support.e2e import alerts_rule, history, put, sha256_of, sql, wait_for, wait_settled, write_rules
 from tests.support.stack import BucketNames, MinioStack, ReactorSpawner, reactor_env, run_cli
-
-
-def rules_for(tmp_path: Path, src: str, dst: str) -> Path:
-    return write_rules(
-        tmp_path / "rules.toml",
-        {
-            "name": "alerts",
-            "source_bucket": src,
-            "pattern": "{task_type}/{task_id}/{filename}",
-            "target_bucket": dst,
-            "target": "{task_type}/{task_id}/{filename}",
-            "order_key": "{task_id}",
-        },
-    )
 
 
 def test_the_scheduled_sweep_moves_uploads_nobody_notified(
@@ -29,7 +15,7 @@ def test_the_scheduled_sweep_moves_uploads_nobody_notified(
 ) -> None:
     # Given a source bucket with no subscription and no listener: no notification ever arrives
     src, dst = buckets.make("img"), buckets.make("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     client = minio.client()
     digests = {
         f"det/t{i % 2}/{i}.jpg": put(client, src, f"det/t{i % 2}/{i}.jpg", os.urandom(99)) for i in range(6)
@@ -56,7 +42,7 @@ def test_the_grace_period_leaves_recent_uploads_to_their_events(
     tmp_path: Path, minio: MinioStack, database_url: str, buckets: BucketNames
 ) -> None:
     src, dst = buckets.make("img"), buckets.make("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     put(minio.client(), src, "det/t1/a.jpg", b"a")
     env = reactor_env(
         minio, database_url=database_url, rules_path=rules, env={"REACTOR_RECONCILE_GRACE": "3600"}
@@ -72,7 +58,7 @@ def test_concurrent_sweeps_create_no_duplicates(
 ) -> None:
     # Given 30 unnotified uploads over 3 tasks
     src, dst = buckets.make("img"), buckets.make("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     client = minio.client()
     for i in range(30):
         put(client, src, f"det/t{i % 3}/{i}.jpg", b"x" * i)
@@ -102,7 +88,7 @@ def test_a_swept_upload_and_its_late_event_make_one_move(
 ) -> None:
     # Given uploads whose events wait in MinIO's queue (no reactor on the webhook port yet)
     src, dst = buckets("img"), buckets("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     env = reactor_env(
         minio, database_url=database_url, rules_path=rules, env={"REACTOR_RECONCILE_GRACE": "0"}
     )

@@ -14,24 +14,19 @@ import pytest
 
 from reactor.devstack import TEST_PG_SETTINGS, PostgresServer
 from reactor.migrate import upgrade
-from tests.support.e2e import events_of, history, put, sha256_of, wait_for, wait_settled, write_rules
+from tests.support.e2e import (
+    alerts_rule,
+    events_of,
+    history,
+    put,
+    sha256_of,
+    wait_for,
+    wait_settled,
+    write_rules,
+)
 from tests.support.stack import BucketNames, MinioStack, ReactorSpawner, reactor_env, run_cli
 
 LEASE = 3.0
-
-
-def rules_for(tmp_path: Path, src: str, dst: str) -> Path:
-    return write_rules(
-        tmp_path / "rules.toml",
-        {
-            "name": "alerts",
-            "source_bucket": src,
-            "pattern": "{task_type}/{task_id}/{filename}",
-            "target_bucket": dst,
-            "target": "{task_type}/{task_id}/{filename}",
-            "order_key": "{task_id}",
-        },
-    )
 
 
 def test_a_move_cut_by_kill_9_is_finished_by_another_instance_within_the_lease_bound(
@@ -39,7 +34,7 @@ def test_a_move_cut_by_kill_9_is_finished_by_another_instance_within_the_lease_b
 ) -> None:
     # Given one instance with a short lease, and a big multipart upload (copy + hash take a while)
     src, dst = buckets("img"), buckets("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
     lease = {"REACTOR_LEASE_SECONDS": str(LEASE)}
     first = spawn_reactor(
@@ -123,7 +118,7 @@ def test_postgres_stopped_while_uploads_continue_loses_nothing(
     database_url = own_postgres.url("outage")
     upgrade(database_url)
     src, dst = buckets("img"), buckets("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
     reactor = spawn_reactor(database_url=database_url, rules_path=rules, http_port=minio.webhook_port)
     client = minio.client()
@@ -158,7 +153,7 @@ def test_sigterm_lets_the_running_move_finish_before_exiting(
 ) -> None:
     # Given an instance in the middle of a long move
     src, dst = buckets("img"), buckets("alr")
-    rules = rules_for(tmp_path, src, dst)
+    rules = write_rules(tmp_path / "rules.toml", alerts_rule(src, dst))
     run_cli(["setup"], env=reactor_env(minio, database_url=database_url, rules_path=rules), check=True)
     reactor = spawn_reactor(database_url=database_url, rules_path=rules, http_port=minio.webhook_port)
     client = minio.client()

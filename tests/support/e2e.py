@@ -33,6 +33,19 @@ def write_rules(path: Path, *rules: Mapping[str, str]) -> Path:
     return path
 
 
+def alerts_rule(src: str, dst: str, **extra: str) -> dict[str, str]:
+    """The README's rule: images of a task move to the same path in the target, in task order."""
+    return {
+        "name": "alerts",
+        "source_bucket": src,
+        "pattern": "{task_type}/{task_id}/{filename}",
+        "target_bucket": dst,
+        "target": "{task_type}/{task_id}/{filename}",
+        "order_key": "{task_id}",
+        **extra,
+    }
+
+
 def conninfo(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
