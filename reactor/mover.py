@@ -121,6 +121,7 @@ class Mover:
                 if_match=order.etag,
                 target_bucket=order.target_bucket,
                 target_key=order.target_key,
+                size=order.size,
             )
             steps.append("copy" if copied is not None else "copy-refused")
             if copied is None:

@@ -58,7 +58,15 @@ class MemoryStore:
         return None if v is None else ObjectInfo(etag=v.etag, size=len(v.data), version_id=v.version_id)
 
     def copy(
-        self, *, bucket: str, key: str, version_id: str, if_match: str, target_bucket: str, target_key: str
+        self,
+        *,
+        bucket: str,
+        key: str,
+        version_id: str,
+        if_match: str,
+        target_bucket: str,
+        target_key: str,
+        size: int = -1,  # noqa: ARG002 - a hint for real servers; the twin copies any size alike
     ) -> str | None:
         self._call("copy")
         v = self._find(bucket, key, version_id)
