@@ -2,8 +2,9 @@
 
 100,000 pending moves over 1,000 keys are bulk-inserted (generate_series) with consistent order_keys
 rows (head_seq = the lowest pending seq, ready_at = now()); optionally 1,000,000 finished moves of the
-same keys sit below them as history (with one audit event each). Then N threads loop
-claim(limit=k) + finish(done) for each claimed move, as fast as they can, for a fixed time.
+same keys sit below them as history (with one audit event each). Then N threads loop as the poller's
+dispatcher does: one round trip (reactor.finish_and_claim) records the moves of the previous cycle as
+done and claims up to k more, as fast as they can, for a fixed time.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import time
 from dataclasses import dataclass, field
 
 import psycopg
-from sqlalchemy import text
 
 from bench.common import percentile
 from bench.services import fresh_database
-from reactor.devstack import PostgresServer
+from reactor.devstack import PostgresServer, claim_plans, plan_lines
 from reactor.domain import MoveStatus
-from reactor.outbox import Finish, Outbox, make_engine
-from reactor.queries import query
+from reactor.outbox import ClaimedMove, Finish, Outbox, make_engine
 
 
 @dataclass
@@ -32,12 +31,10 @@ class ClaimResult:
     batch: int
     seconds: float = 0.0
     moves: int = 0
-    claim_calls: int = 0
-    finish_calls: int = 0
+    cycles: int = 0
     empty_claims: int = 0
     errors: int = 0
-    claim_ms: list[float] = field(default_factory=list)
-    finish_ms: list[float] = field(default_factory=list)
+    cycle_ms: list[float] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
 
@@ -47,7 +44,7 @@ class ClaimResult:
 
     @property
     def calls_per_s(self) -> float:
-        return (self.claim_calls + self.finish_calls) / self.seconds if self.seconds else 0.0
+        return self.cycles / self.seconds if self.seconds else 0.0
 
 
 def _load(dsn: str, *, history: int, pending: int, keys: int) -> None:
@@ -86,15 +83,11 @@ def _load(dsn: str, *, history: int, pending: int, keys: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def explain_claim(outbox: Outbox, limit: int) -> list[str]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the claim statement, in a transaction that is rolled back."""
-    with outbox.engine.connect() as conn:
-        rows = conn.execute(
-            text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + query("claim_moves").text),
-            {"limit": limit, "worker": "explain", "lease_seconds": 60},
-        ).all()
-        conn.rollback()
-    return [str(r[0]) for r in rows]
+def explain_claim(dsn: str, limit: int) -> list[str]:
+    """The plans the claim statement inside reactor.claim_moves ran with (auto_explain, analyzed,
+    rolled back): the first custom plan and the last one (PL/pgSQL's generic plan, if it switched)."""
+    plans = claim_plans(dsn, limit=limit, runs=7, analyze=True)
+    return ["first run:", *plan_lines(plans[0]), "", "seventh run:", *plan_lines(plans[-1])]
 
 
 def run_claim_bench(  # noqa: PLR0915 - setup, timed loop, plan: one sequence
@@ -121,40 +114,37 @@ def run_claim_bench(  # noqa: PLR0915 - setup, timed loop, plan: one sequence
 
     def worker(n: int) -> None:
         name = f"claim-bench-{n}"
-        moves = claims = finishes = empty = errors = 0
-        claim_ms: list[float] = []
-        finish_ms: list[float] = []
-        while time.monotonic() < stop_at:
+        moves = cycles = empty = errors = 0
+        cycle_ms: list[float] = []
+        held: list[ClaimedMove] = []
+        while True:
+            last = time.monotonic() >= stop_at
             t0 = time.perf_counter()
             try:
-                claimed = outbox.claim(batch, worker=name, lease_seconds=60)
+                recorded, claimed = outbox.finish_and_claim(
+                    [(move, done) for move in held], limit=0 if last else batch, worker=name, lease_seconds=60
+                )
             except Exception:
                 errors += 1
+                if last:
+                    break
                 continue
-            claim_ms.append((time.perf_counter() - t0) * 1000)
-            claims += 1
+            cycle_ms.append((time.perf_counter() - t0) * 1000)
+            cycles += 1
+            moves += len(recorded)
+            errors += len(held) - len(recorded)
+            held = claimed
+            if last:
+                break
             if not claimed:
                 empty += 1
                 time.sleep(0.001)
-                continue
-            for move in claimed:
-                t1 = time.perf_counter()
-                try:
-                    outbox.finish(move, done, worker=name)
-                except Exception:
-                    errors += 1
-                    continue
-                finish_ms.append((time.perf_counter() - t1) * 1000)
-                finishes += 1
-                moves += 1
         with lock:
             result.moves += moves
-            result.claim_calls += claims
-            result.finish_calls += finishes
+            result.cycles += cycles
             result.empty_claims += empty
             result.errors += errors
-            result.claim_ms += claim_ms
-            result.finish_ms += finish_ms
+            result.cycle_ms += cycle_ms
 
     try:
         outbox.ping()  # open the pool before the clock starts
@@ -168,7 +158,7 @@ def run_claim_bench(  # noqa: PLR0915 - setup, timed loop, plan: one sequence
         for thread in pool:
             thread.join(seconds + 60.0)
         result.seconds = time.monotonic() - t_start
-        result.plan = explain_claim(outbox, batch)
+        result.plan = explain_claim(pg.dsn(dbname), batch)
     finally:
         engine.dispose()
         pg.drop_database(dbname)
@@ -176,17 +166,17 @@ def run_claim_bench(  # noqa: PLR0915 - setup, timed loop, plan: one sequence
 
 
 def summarize(r: ClaimResult) -> str:
-    claim_p50 = percentile(r.claim_ms, 50) or 0.0
-    finish_p50 = percentile(r.finish_ms, 50) or 0.0
+    p50 = percentile(r.cycle_ms, 50) or 0.0
+    p99 = percentile(r.cycle_ms, 99) or 0.0
     return (
-        f"| {r.history:,} | {r.pending:,} / {r.keys:,} | {r.threads} x claim({r.batch}) | {r.seconds:.1f} | "
-        f"{r.moves:,} | {r.moves_per_s:,.0f} | {r.calls_per_s:,.0f} | {claim_p50:.2f} | {finish_p50:.2f} | "
+        f"| {r.history:,} | {r.pending:,} / {r.keys:,} | {r.threads} x {r.batch} | {r.seconds:.1f} | "
+        f"{r.moves:,} | {r.moves_per_s:,.0f} | {r.calls_per_s:,.0f} | {p50:.2f} | {p99:.2f} | "
         f"{r.empty_claims} / {r.errors} | {r.load_seconds:.0f} |"
     )
 
 
 CLAIM_HEADER = (
-    "| history rows | pending / keys | threads | seconds | moves claimed+finished | moves/s | "
-    "DB calls/s (claim+finish) | claim p50 ms | finish p50 ms | empty claims / errors | load s |\n"
+    "| history rows | pending / keys | threads x batch | seconds | moves claimed+finished | moves/s | "
+    "round trips/s | round trip p50 ms | p99 ms | empty claims / errors | load s |\n"
     "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"
 )
