@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import ctypes
 import importlib.util
+import json
 import mimetypes
 import os
 import pwd
@@ -30,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import psycopg
 import urllib3
@@ -1129,3 +1130,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans of the claim, for tests and benchmarks
+
+
+def claim_plans(
+    conninfo: str, *, limit: int = 10, runs: int = 7, analyze: bool = False
+) -> list[dict[str, Any]]:
+    """The plans PostgreSQL used for the statement inside reactor.claim_moves, over `runs` claims
+    (each rolled back: nothing is claimed), as EXPLAIN's JSON "Plan" nodes.
+
+    The claim is a PL/pgSQL function, so a plain EXPLAIN shows only a function scan; auto_explain
+    with nested statements reports the plan of the statement inside, as the server ran it. PL/pgSQL
+    may switch to a generic plan after five calls, so several runs show both. Needs a superuser
+    (LOAD), which the test and benchmark clusters have.
+    """
+    messages: list[str] = []
+    settings = {
+        "auto_explain.log_min_duration": "0",
+        "auto_explain.log_nested_statements": "on",
+        "auto_explain.log_analyze": "on" if analyze else "off",
+        "auto_explain.log_buffers": "on" if analyze else "off",
+        "auto_explain.log_format": "json",
+        "client_min_messages": "log",
+    }
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: messages.append(diag.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for name, value in settings.items():
+            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(*name.split(".")), sql.Literal(value)))
+        for _ in range(runs):
+            with conn.transaction(force_rollback=True):
+                conn.execute("SELECT * FROM reactor.claim_moves('explain', %s, 30)", (limit,))
+    plans: list[dict[str, Any]] = []
+    for message in messages:
+        _, sep, body = message.partition("plan:\n")
+        if sep and "WITH ready AS" in body:  # not the outer SELECT of the function
+            plans.append(json.loads(body)["Plan"])
+    return plans
+
+
+def plan_lines(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """A JSON plan as indented lines: node, relation, index, and actual rows and time when analyzed."""
+    what = str(node.get("Node Type", "?"))
+    if node.get("Index Name"):
+        what += f" using {node['Index Name']}"
+    if node.get("Relation Name"):
+        what += f" on {node['Relation Name']}"
+    if node.get("CTE Name"):
+        what += f" ({node['CTE Name']})"
+    if "Actual Rows" in node:
+        what += f"  rows={node['Actual Rows']} loops={node.get('Actual Loops', 1)}"
+        if "Actual Total Time" in node:
+            what += f" time={node['Actual Total Time']:.3f} ms"
+    lines = ["  " * depth + ("-> " if depth else "") + what]
+    for child in node.get("Plans", []):
+        lines += plan_lines(child, depth + 1)
+    return lines

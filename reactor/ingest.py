@@ -32,8 +32,10 @@ class Ingestor:
         self.worker = worker
 
     def ingest(self, notices: Iterable[Upload | Ignored], *, via: Via) -> IngestReport:
-        """Each upload is committed before this returns; DatabaseUnavailable propagates."""
+        """Every matched upload is committed, in one round trip and one transaction, before this
+        returns; DatabaseUnavailable propagates (and then none of them is)."""
         report = IngestReport()
+        pending: list[tuple[NewMove, dict[str, str]]] = []
         for notice in notices:
             if isinstance(notice, Ignored):
                 metrics.EVENTS.labels(via, "ignored").inc()
@@ -50,17 +52,14 @@ class Ingestor:
                 report.reasons["no rule matches"] += 1
                 log.debug("upload_unmatched", via=via, bucket=notice.bucket, key=notice.key)
                 continue
-            result = self.outbox.enqueue(
-                NewMove(
-                    upload=notice,
-                    rule=match.rule.name,
-                    order_key=match.order_key,
-                    target_bucket=match.target_bucket,
-                    target_key=match.target_key,
-                    via=via,
-                    error=match.target_error,
-                ),
-                worker=self.worker,
+            move = NewMove(
+                upload=notice,
+                rule=match.rule.name,
+                order_key=match.order_key,
+                target_bucket=match.target_bucket,
+                target_key=match.target_key,
+                via=via,
+                error=match.target_error,
             )
             fields = {
                 "via": via,
@@ -69,20 +68,17 @@ class Ingestor:
                 "target": f"{match.target_bucket}/{match.target_key}",
                 "etag": notice.etag,
             }
+            pending.append((move, fields))
+        results = self.outbox.enqueue_many([move for move, _ in pending], worker=self.worker)
+        for (move, fields), result in zip(pending, results, strict=True):
             if result.duplicate:
                 metrics.EVENTS.labels(via, "duplicate").inc()
                 report.duplicate += 1
                 log.debug("upload_duplicate", **fields)
-            elif match.target_error is not None:
+            elif move.error is not None:
                 metrics.EVENTS.labels(via, "rejected").inc()
                 report.failed_at_enqueue += 1
-                log.error(
-                    "move_rejected",
-                    move_id=result.move_id,
-                    seq=result.seq,
-                    error=match.target_error,
-                    **fields,
-                )
+                log.error("move_rejected", move_id=result.move_id, seq=result.seq, error=move.error, **fields)
             else:
                 metrics.EVENTS.labels(via, "enqueued").inc()
                 report.enqueued += 1

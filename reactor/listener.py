@@ -3,10 +3,15 @@
 The stream is in memory only: events published while no one listens are gone, and every
 listening instance gets every event (the outbox's dedup makes that one move). Gaps are logged
 with their length, so an operator (or the reconcile sweep) knows when to look.
+
+Reading and recording are two threads per bucket: the reader parses the stream as fast as MinIO
+sends it, and the ingester records whatever has arrived meanwhile in one round trip (a burst of
+uploads becomes a few batched enqueues instead of one transaction per event).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from typing import Any
@@ -14,11 +19,15 @@ from typing import Any
 from minio import Minio
 
 from reactor import logs, metrics
+from reactor.domain import Ignored, Upload
 from reactor.errors import DatabaseUnavailable, EventError
 from reactor.events import UPLOAD_EVENTS, parse_listen_event
 from reactor.ingest import Ingestor
 
 log = logs.get("reactor.listener")
+
+BATCH = 500  # notices per enqueue round trip
+BACKLOG = 20_000  # notices read but not yet recorded; the reader waits when it is full
 
 
 class BucketListener(threading.Thread):
@@ -31,11 +40,14 @@ class BucketListener(threading.Thread):
         self.ingestor = ingestor
         self.db_retry_seconds = db_retry_seconds
         self._stop = threading.Event()
+        self._backlog: queue.Queue[Upload | Ignored] = queue.Queue(maxsize=BACKLOG)
+        self._ingester = threading.Thread(target=self._ingest_loop, name=f"ingest-{bucket}", daemon=True)
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
+        self._ingester.start()
         delay = 0.5
         disconnected_at: float | None = None
         while not self._stop.is_set():
@@ -74,6 +86,33 @@ class BucketListener(threading.Thread):
         except EventError as exc:
             log.error("listen_event_invalid", bucket=self.bucket, error=str(exc))
             return
+        for notice in notices:
+            while not self._stop.is_set():
+                try:
+                    self._backlog.put(notice, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _ingest_loop(self) -> None:
+        """Record what the reader parsed, in batches; at stop, what is already read is still
+        recorded (one attempt) before the thread ends."""
+        while True:
+            try:
+                first = self._backlog.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._backlog.get_nowait())
+                except queue.Empty:
+                    break
+            self._ingest(batch)
+
+    def _ingest(self, notices: list[Upload | Ignored]) -> None:
         deadline = time.monotonic() + self.db_retry_seconds
         delay = 0.2
         while True:
@@ -90,5 +129,8 @@ class BucketListener(threading.Thread):
                         error=str(exc),
                     )
                     return
-                self._stop.wait(delay)
+                time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except Exception:  # a bug must not kill the ingester; the sweep finds what is lost
+                log.exception("listen_ingest_failed", bucket=self.bucket, notices=len(notices))
+                return

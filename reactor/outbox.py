@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, Row, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from reactor.domain import MoveId, MoveStatus, Upload, Via
@@ -80,12 +80,13 @@ PRUNE_LOCK_ID = 727_002
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
-    """A pooled engine; pre-ping so connections broken by a Postgres restart are replaced."""
+    """A pooled engine. No pre-ping (a round trip before every checkout): a connection broken by
+    a PostgreSQL restart fails its statement, SQLAlchemy then discards the whole pool, and the
+    Outbox runs the (repeatable) statement once more on a fresh connection."""
     return create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=10,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5, "application_name": "reactor"},
@@ -96,11 +97,97 @@ def _is_unavailable(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) or exc.connection_invalidated
 
 
+def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"PostgreSQL is unreachable: {exc.orig or exc}")
+
+
+def _claimed(r: Row[Any]) -> ClaimedMove:
+    return ClaimedMove(
+        id=MoveId(r.id),
+        order_key=r.order_key,
+        seq=r.seq,
+        rule=r.rule,
+        source_bucket=r.source_bucket,
+        source_key=r.source_key,
+        source_version_id=r.source_version_id,
+        etag=r.etag,
+        size=r.size,
+        sequencer=r.sequencer,
+        target_bucket=r.target_bucket,
+        target_key=r.target_key,
+        attempts=r.attempts,
+        lease_token=r.lease_token,
+        target_etag=r.target_etag,
+        newer_done=r.newer_done,
+    )
+
+
+def _finish_json(move: ClaimedMove, outcome: Finish) -> dict[str, Any]:
+    return {
+        "id": move.id,
+        "lease_token": str(move.lease_token),
+        "status": outcome.status.value,
+        "blocking": outcome.blocking,
+        "retry_delay": outcome.retry_delay,
+        "error": outcome.error,
+        "note": outcome.note,
+        "target_etag": outcome.target_etag,
+        "kind": outcome.kind,
+        "detail": dict(outcome.detail or {}),
+    }
+
+
+def _move_json(idx: int, move: NewMove) -> dict[str, Any]:
+    up = move.upload
+    return {
+        "idx": idx,
+        "order_key": move.order_key,
+        "rule": move.rule,
+        "via": move.via,
+        "source_bucket": up.bucket,
+        "source_key": up.key,
+        "source_version_id": up.version_id,
+        "etag": up.etag,
+        "size": up.size,
+        "sequencer": up.sequencer,
+        "modified_ms": up.modified_ms,
+        "target_bucket": move.target_bucket,
+        "target_key": move.target_key,
+        "event": dict(up.raw) if up.raw else None,
+        "error": move.error,
+    }
+
+
 class Outbox:
-    """Enqueue, claim, finish, renew and recover moves; every call is one short transaction."""
+    """Enqueue, claim, finish, renew and recover moves.
+
+    Every state change is ONE statement (a PL/pgSQL transition function or a single guarded
+    UPDATE) run in autocommit mode: one round trip, its own transaction, no BEGIN/COMMIT
+    chatter. Only the hand-made transitions (retry, prune) use explicit transactions.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _rows(self, name: str, params: Mapping[str, Any]) -> Sequence[Row[Any]]:
+        """Run one named statement in autocommit mode and return its rows.
+
+        A statement that fails because its pooled connection died (PostgreSQL restarted since it
+        was last used) runs once more on a fresh one: every statement here is safe to repeat
+        (enqueue deduplicates, finishes are fenced by the lease token, the rest are idempotent).
+        """
+        for attempt in (1, 2):
+            try:
+                with self._auto.connect() as conn:
+                    return conn.execute(query(name), params).all()
+            except DBAPIError as exc:
+                if exc.connection_invalidated and attempt == 1:
+                    continue
+                if _is_unavailable(exc):
+                    raise _unavailable(exc) from exc
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -109,7 +196,7 @@ class Outbox:
                 yield conn
         except DBAPIError as exc:
             if _is_unavailable(exc):
-                raise DatabaseUnavailable(f"PostgreSQL is unreachable: {exc.orig or exc}") from exc
+                raise _unavailable(exc) from exc
             raise
 
     def ping(self) -> None:
@@ -118,112 +205,71 @@ class Outbox:
 
     def enqueue(self, move: NewMove, *, worker: str) -> Enqueued:
         """Record the move; a duplicate of an already recorded upload returns move_id None."""
-        up = move.upload
-        params = {
-            "order_key": move.order_key,
-            "rule": move.rule,
-            "via": move.via,
-            "source_bucket": up.bucket,
-            "source_key": up.key,
-            "source_version_id": up.version_id,
-            "etag": up.etag,
-            "size": up.size,
-            "sequencer": up.sequencer,
-            "modified_ms": up.modified_ms,
-            "target_bucket": move.target_bucket,
-            "target_key": move.target_key,
-            "event": json.dumps(dict(up.raw)) if up.raw else None,
-            "open": move.error is None,
-            "error": move.error,
-            "worker": worker,
-        }
-        try:
-            with self.engine.connect() as conn:
-                row = conn.execute(query("enqueue_move"), params).first()
-                if row is None:
-                    # Duplicate: roll back so a counter bump by a racing duplicate leaves no gap.
-                    conn.rollback()
-                    return Enqueued(move_id=None, seq=None)
-                conn.commit()
-                return Enqueued(move_id=MoveId(row.id), seq=row.seq)
-        except DBAPIError as exc:
-            if _is_unavailable(exc):
-                raise DatabaseUnavailable(f"PostgreSQL is unreachable: {exc.orig or exc}") from exc
-            raise
+        return self.enqueue_many([move], worker=worker)[0]
+
+    def enqueue_many(self, moves: Sequence[NewMove], *, worker: str) -> list[Enqueued]:
+        """Record a batch of moves in one round trip and one transaction; results in input order
+        (move_id None for a duplicate). Either all of them are committed, or none."""
+        if not moves:
+            return []
+        payload = json.dumps([_move_json(i, m) for i, m in enumerate(moves)])
+        rows = self._rows("enqueue_moves", {"moves": payload, "worker": worker})
+        results = [Enqueued(move_id=None, seq=None)] * len(moves)
+        for r in rows:
+            results[r.idx] = Enqueued(move_id=MoveId(r.id), seq=r.seq)
+        return results
 
     def claim(self, limit: int, *, worker: str, lease_seconds: float) -> list[ClaimedMove]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                query("claim_moves"), {"limit": limit, "worker": worker, "lease_seconds": lease_seconds}
-            ).all()
-        return [
-            ClaimedMove(
-                id=MoveId(r.id),
-                order_key=r.order_key,
-                seq=r.seq,
-                rule=r.rule,
-                source_bucket=r.source_bucket,
-                source_key=r.source_key,
-                source_version_id=r.source_version_id,
-                etag=r.etag,
-                size=r.size,
-                sequencer=r.sequencer,
-                target_bucket=r.target_bucket,
-                target_key=r.target_key,
-                attempts=r.attempts,
-                lease_token=r.lease_token,
-                target_etag=r.target_etag,
-                newer_done=r.newer_done,
-            )
-            for r in rows
-        ]
+        rows = self._rows("claim_moves", {"limit": limit, "worker": worker, "lease_seconds": lease_seconds})
+        return [_claimed(r) for r in rows]
+
+    def finish_and_claim(
+        self,
+        finished: Sequence[tuple[ClaimedMove, Finish]],
+        *,
+        limit: int,
+        worker: str,
+        lease_seconds: float,
+    ) -> tuple[set[MoveId], list[ClaimedMove]]:
+        """Record the outcomes, then claim up to `limit` moves, in one round trip.
+
+        Returns the ids whose outcome was recorded (a missing one was fenced: this worker's lease
+        was taken over, nothing changed) and the moves claimed."""
+        payload = json.dumps([_finish_json(move, outcome) for move, outcome in finished])
+        rows = self._rows(
+            "finish_and_claim",
+            {"finishes": payload, "worker": worker, "limit": limit, "lease_seconds": lease_seconds},
+        )
+        recorded = {MoveId(r.finished_id) for r in rows if r.finished_id is not None}
+        return recorded, [_claimed(r) for r in rows if r.finished_id is None]
 
     def finish(self, move: ClaimedMove, outcome: Finish, *, worker: str) -> bool:
         """Record the outcome; False when this worker's lease was taken over (nothing changed)."""
-        params = {
-            "move_id": move.id,
-            "lease_token": move.lease_token,
-            "status": outcome.status.value,
-            "blocking": outcome.blocking,
-            "retry_delay": outcome.retry_delay,
-            "error": outcome.error,
-            "note": outcome.note,
-            "target_etag": outcome.target_etag,
-            "kind": outcome.kind,
-            "worker": worker,
-            "detail": json.dumps(dict(outcome.detail or {})),
-        }
-        with self._tx() as conn:
-            return bool(conn.execute(query("finish_move"), params).scalar_one())
+        recorded, _ = self.finish_and_claim([(move, outcome)], limit=0, worker=worker, lease_seconds=0)
+        return move.id in recorded
 
     def checkpoint(self, move: ClaimedMove, target_etag: str) -> bool:
         """Record the proven target ETag; False when this worker no longer holds the move."""
-        with self._tx() as conn:
-            row = conn.execute(
-                query("checkpoint_move"),
-                {"move_id": move.id, "lease_token": move.lease_token, "target_etag": target_etag},
-            ).first()
-        return row is not None
+        rows = self._rows(
+            "checkpoint_move",
+            {"move_id": move.id, "lease_token": move.lease_token, "target_etag": target_etag},
+        )
+        return bool(rows)
 
     def renew(self, leases: Mapping[MoveId, uuid.UUID], *, lease_seconds: float) -> set[MoveId]:
         """Extend the given leases; the ids returned are the ones still held."""
         if not leases:
             return set()
         ids = list(leases)
-        with self._tx() as conn:
-            rows = conn.execute(
-                query("renew_leases"),
-                {"move_ids": ids, "lease_tokens": [leases[i] for i in ids], "lease_seconds": lease_seconds},
-            ).all()
+        rows = self._rows(
+            "renew_leases",
+            {"move_ids": ids, "lease_tokens": [leases[i] for i in ids], "lease_seconds": lease_seconds},
+        )
         return {MoveId(r.id) for r in rows}
 
     def recover_expired(self, *, worker: str, max_attempts: int, block: bool) -> int:
-        with self._tx() as conn:
-            return int(
-                conn.execute(
-                    query("recover_expired"), {"worker": worker, "max_attempts": max_attempts, "block": block}
-                ).scalar_one()
-            )
+        rows = self._rows("recover_expired", {"worker": worker, "max_attempts": max_attempts, "block": block})
+        return int(rows[0].recovered)
 
     def retry(self, move_ids: Sequence[int], *, worker: str) -> list[MoveId]:
         """Put failed moves back to pending, each in its key's lock order; returns those retried."""

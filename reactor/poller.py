@@ -26,7 +26,7 @@ import psycopg
 
 from reactor import decision, logs, metrics
 from reactor.domain import MoveId, MoveStatus, OnConflict
-from reactor.errors import DatabaseUnavailable, LeaseLost, ObjectStoreUnavailable
+from reactor.errors import LeaseLost, ObjectStoreUnavailable
 from reactor.mover import MoveOrder, Mover, MoveResult
 from reactor.outbox import ClaimedMove, Finish, Outbox
 
@@ -68,7 +68,27 @@ class _LeaseHooks:
             raise LeaseLost(f"move {self.move.id}: lease taken over before the checkpoint")
 
 
+@dataclass(frozen=True)
+class _Done:
+    """A move whose attempt ended, waiting for the dispatcher to record its outcome."""
+
+    move: ClaimedMove
+    outcome: Finish
+    started: float
+    ended: float
+    ctx: dict[str, Any]
+
+
 class Poller:
+    """Runs moves on a thread pool; ONE dispatcher thread talks to the outbox for them.
+
+    The dispatcher's cycle is a single round trip (reactor.finish_and_claim): it records every
+    attempt that ended since the last cycle and claims as many moves as there are free slots. A
+    move finishing is therefore recorded and its key's next move claimed in the same statement,
+    and under load the finishes batch themselves (those that end while a cycle is in flight go
+    into the next one) without any timer adding latency.
+    """
+
     def __init__(
         self,
         *,
@@ -94,27 +114,100 @@ class Poller:
         # after a lease expired, and the two runs must not be confused.
         self.lost: set[uuid.UUID] = set()
         self.renewed_at: dict[uuid.UUID, float] = {}
+        self._done: list[_Done] = []
         self._state = threading.Lock()
-        self._claiming = threading.Lock()
-        self._dirty = threading.Event()
-        self._stopping = threading.Event()
+        # The dispatcher's cycle and the heartbeat never run at once: a batch finish holds row
+        # locks on several of this worker's moves, and a heartbeat renewing the same rows in
+        # another order could otherwise deadlock with it.
+        self._db_turn = threading.Lock()
+        self._kick = threading.Event()
+        self._stopping = threading.Event()  # no more claims; finishes are still recorded
+        self._halted = threading.Event()  # the dispatcher exits
+        self._dispatcher: threading.Thread | None = None
         # Tests replace this to inject a fault at an exact step (see tests/chaos).
         self.step_hook: Callable[[ClaimedMove, str], None] = lambda _move, _step: None
 
-    # -- claiming -----------------------------------------------------------------------------
+    # -- dispatching --------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Claim whatever is runnable now; cheap to call often, from any thread."""
-        self._dirty.set()
-        while self._dirty.is_set() and not self._stopping.is_set():
-            if not self._claiming.acquire(blocking=False):
-                return  # the thread that holds it sees _dirty and claims again
+        """Ask the dispatcher for a cycle (claim whatever is runnable); cheap, from any thread."""
+        if self._dispatcher is None:
+            with self._state:
+                if self._dispatcher is None and not self._halted.is_set():
+                    self._dispatcher = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
+                    self._dispatcher.start()
+        self._kick.set()
+
+    def _dispatch(self) -> None:
+        delay = 0.2
+        while not self._halted.is_set():
+            self._kick.wait()
+            if self._halted.is_set():
+                return
+            self._kick.clear()
+            if self._cycle():
+                delay = 0.2
+            else:  # PostgreSQL trouble: back off, then try again with whatever ended meanwhile
+                self._halted.wait(delay)
+                delay = min(delay * 2, 2.0)
+                self._kick.set()
+
+    def _cycle(self) -> bool:
+        """One round trip: record what ended, claim into the free slots. False on failure."""
+        with self._state:
+            done, self._done = self._done, []
+            free = self.config.concurrency - len(self.in_flight) + len(done)
+        limit = free if free > 0 and not self._stopping.is_set() and self._store_ready() else 0
+        if not done and limit == 0:
+            return True
+        try:
+            with self._db_turn:
+                recorded, claimed = self.outbox.finish_and_claim(
+                    [(d.move, d.outcome) for d in done],
+                    limit=limit,
+                    worker=self.config.worker,
+                    lease_seconds=self.config.lease_seconds,
+                )
+        except Exception as exc:  # the lease covers the moves meanwhile; see _requeue
+            stage = "finish" if done else "claim"
+            metrics.ERRORS.labels("postgres", stage).inc()
+            log.warning(f"{stage}_failed", error=str(exc), finishes=len(done))
+            self._requeue(done, str(exc))
+            return False
+        for d in done:
+            self._report(d, recorded=d.move.id in recorded)
+            self._forget(d.move)
+        self._start(claimed)
+        if limit and len(claimed) == limit:
+            self._kick.set()  # there may be more; claim again once slots free up
+        return True
+
+    def _requeue(self, done: list[_Done], error: str) -> None:
+        """Keep unrecorded outcomes for the next cycle while their lease could still be ours; past
+        that (or when stopping) another worker will redo the move, which is idempotent."""
+        keep: list[_Done] = []
+        now = time.monotonic()
+        for d in done:
+            if now - d.ended < self.config.lease_seconds and not self._stopping.is_set():
+                keep.append(d)
+                continue
+            metrics.ERRORS.labels("postgres", "finish_unrecorded").inc()
+            log.error("finish_unrecorded", move_id=d.move.id, error=error)
+            self._forget(d.move)
+        with self._state:
+            self._done[:0] = keep
+
+    def _start(self, claimed: list[ClaimedMove]) -> None:
+        now = time.monotonic()
+        with self._state:
+            for move in claimed:
+                self.in_flight[move.id] = move
+                self.renewed_at[move.lease_token] = now
+        for move in claimed:
             try:
-                while self._dirty.is_set() and not self._stopping.is_set():
-                    self._dirty.clear()
-                    self._claim_batch()
-            finally:
-                self._claiming.release()
+                self.executor.submit(self._run, move)
+            except RuntimeError:  # shutting down: the lease expires and another instance runs it
+                self._forget(move)
 
     def _store_unavailable(self) -> None:
         with self._state:
@@ -146,34 +239,6 @@ class Poller:
         if alive:
             log.warning("minio_available_resuming_claims")
         return alive
-
-    def _claim_batch(self) -> None:
-        with self._state:
-            free = self.config.concurrency - len(self.in_flight)
-        if free <= 0:
-            return  # a finishing move calls wake() again
-        if not self._store_ready():
-            return  # the interval poll calls again and probes
-        try:
-            claimed = self.outbox.claim(
-                free, worker=self.config.worker, lease_seconds=self.config.lease_seconds
-            )
-        except Exception as exc:  # any database trouble: the next wake-up or poll tries again
-            metrics.ERRORS.labels("postgres", "claim").inc()
-            log.warning("claim_failed", error=str(exc))
-            return
-        now = time.monotonic()
-        with self._state:
-            for move in claimed:
-                self.in_flight[move.id] = move
-                self.renewed_at[move.lease_token] = now
-        for move in claimed:
-            try:
-                self.executor.submit(self._run, move)
-            except RuntimeError:  # shutting down: the lease expires and another instance runs it
-                self._forget(move)
-        if len(claimed) == free:
-            self._dirty.set()  # there may be more; claim again once slots free up
 
     # -- running ------------------------------------------------------------------------------
 
@@ -207,15 +272,20 @@ class Poller:
             self.renewed_at.pop(move.lease_token, None)
 
     def _run(self, move: ClaimedMove) -> None:
+        """A pool thread: run the move, hand its outcome to the dispatcher (which records it)."""
+        done: _Done | None = None
         try:
-            self._run_move(move)
+            done = self._run_move(move)
         except Exception:  # never lose a worker thread silently; the lease recovers the move
             log.exception("move_crashed", move_id=move.id, order_key=move.order_key, seq=move.seq)
-        finally:
+        if done is None:
             self._forget(move)
-            self.wake()
+        else:
+            with self._state:
+                self._done.append(done)
+        self.wake()
 
-    def _run_move(self, move: ClaimedMove) -> None:
+    def _run_move(self, move: ClaimedMove) -> _Done | None:
         ctx: dict[str, Any] = {
             "move_id": move.id,
             "order_key": move.order_key,
@@ -229,7 +299,7 @@ class Poller:
             result = self.mover.execute(self._order(move), _LeaseHooks(self, move))
         except LeaseLost as exc:
             log.warning("lease_lost", **ctx, error=str(exc))
-            return
+            return None
         except Exception as exc:  # any S3 or network error: this attempt failed, retry later
             metrics.ERRORS.labels("minio", "move").inc()
             if isinstance(exc, ObjectStoreUnavailable):
@@ -237,14 +307,19 @@ class Poller:
             result = MoveResult(status=MoveStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         outcome = self._outcome(move, result)
         self.step_hook(move, "finish")
-        recorded = self._record(move, outcome)
+        return _Done(move=move, outcome=outcome, started=started, ended=time.monotonic(), ctx=ctx)
+
+    def _report(self, d: _Done, *, recorded: bool) -> None:
+        outcome = d.outcome
         if recorded:
-            metrics.MOVE_DURATION.labels(move.rule, outcome.status.value).observe(time.monotonic() - started)
+            metrics.MOVE_DURATION.labels(d.move.rule, outcome.status.value).observe(
+                time.monotonic() - d.started
+            )
             if outcome.status is MoveStatus.PENDING:
-                metrics.MOVE_RETRIES.labels(move.rule).inc()
+                metrics.MOVE_RETRIES.labels(d.move.rule).inc()
             else:
-                metrics.MOVES_FINISHED.labels(move.rule, outcome.status.value).inc()
-        fields = {**ctx, "status": outcome.status.value, "seconds": round(time.monotonic() - started, 4)}
+                metrics.MOVES_FINISHED.labels(d.move.rule, outcome.status.value).inc()
+        fields = {**d.ctx, "status": outcome.status.value, "seconds": round(d.ended - d.started, 4)}
         if outcome.note:
             fields["note"] = outcome.note
         if outcome.error:
@@ -288,22 +363,6 @@ class Poller:
             detail={**detail, "error": result.error, "retry_in": round(after.retry_delay, 3)},
         )
 
-    def _record(self, move: ClaimedMove, outcome: Finish) -> bool:
-        """Finish in the database, riding out a short outage for as long as the lease would last."""
-        deadline = time.monotonic() + self.config.lease_seconds
-        delay = 0.2
-        while True:
-            try:
-                return self.outbox.finish(move, outcome, worker=self.config.worker)
-            except DatabaseUnavailable as exc:
-                if time.monotonic() > deadline or self._stopping.is_set():
-                    # The lease will expire and another worker redoes the (idempotent) move.
-                    metrics.ERRORS.labels("postgres", "finish").inc()
-                    log.error("finish_unrecorded", move_id=move.id, error=str(exc))
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
     # -- leases -------------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
@@ -313,7 +372,8 @@ class Poller:
             return
         asked = time.monotonic()
         try:
-            renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
+            with self._db_turn:
+                renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
         except Exception as exc:  # unrenewed leases age out locally (see holds())
             metrics.ERRORS.labels("postgres", "heartbeat").inc()
             log.warning("heartbeat_failed", error=str(exc))
@@ -353,13 +413,19 @@ class Poller:
         self._stopping.set()
 
     def stop(self, timeout: float) -> None:
-        """Stop claiming; let running moves finish (bounded), so their leases need not expire.
-        Heartbeats must keep running meanwhile: the caller stops them after this returns."""
+        """Stop claiming; let running moves finish and be recorded (bounded), so their leases
+        need not expire. Heartbeats must keep running meanwhile: the caller stops them after."""
         self._stopping.set()
+        self._kick.set()
         deadline = time.monotonic() + timeout
         while self.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._halted.set()
+        self._kick.set()
+        dispatcher = self._dispatcher
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(5.0)
 
 
 class NotifyListener(threading.Thread):

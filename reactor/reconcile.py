@@ -22,6 +22,9 @@ from reactor.rules import RuleSet
 
 log = logs.get("reactor.reconcile")
 
+# Uploads enqueued per round trip (a listing page holds up to 1,000 objects).
+SWEEP_BATCH = 500
+
 
 class Lister(Protocol):
     def list_uploads(self, bucket: str, prefix: str, *, versioned: bool) -> Iterator[Listed]: ...
@@ -61,6 +64,15 @@ class Reconciler:
         self.ingestor = ingestor
         self.grace = timedelta(seconds=grace_seconds)
 
+    def _ingest(self, batch: list[Upload], report: SweepReport) -> None:
+        """One round trip per batch: a sweep over a large, mostly known prefix stays cheap."""
+        if not batch:
+            return
+        result = self.ingestor.ingest(batch, via="sweep")
+        report.enqueued += result.enqueued + result.failed_at_enqueue
+        report.already_known += result.duplicate
+        report.unmatched += result.ignored
+
     def sweep(self) -> SweepReport:
         """One pass over every rule's source prefix; uploads newer than the grace are left to events."""
         report = SweepReport()
@@ -68,15 +80,17 @@ class Reconciler:
         for bucket in sorted(self.rules.source_buckets):
             versioned = self.lister.versioned(bucket)
             for prefix in self.rules.prefixes(bucket):
+                batch: list[Upload] = []
                 for item in self.lister.list_uploads(bucket, prefix, versioned=versioned):
                     report.listed += 1
                     if item.last_modified is not None and item.last_modified > cutoff:
                         report.too_recent += 1
                         continue
-                    result = self.ingestor.ingest([as_upload(bucket, item)], via="sweep")
-                    report.enqueued += result.enqueued + result.failed_at_enqueue
-                    report.already_known += result.duplicate
-                    report.unmatched += result.ignored
+                    batch.append(as_upload(bucket, item))
+                    if len(batch) >= SWEEP_BATCH:
+                        self._ingest(batch, report)
+                        batch = []
+                self._ingest(batch, report)
         metrics.RECONCILE_FOUND.inc(report.enqueued)
         if report.enqueued:
             log.warning("reconcile_found_missed_uploads", **report.__dict__)

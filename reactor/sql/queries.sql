@@ -1,117 +1,33 @@
 -- The statements that carry the outbox's guarantees, loaded once by reactor/queries.py.
 -- Each block starts with "-- name: <name>" and says why it is safe. Multi-statement
--- transitions (finish, lease recovery, key refresh) are PL/pgSQL functions created by
--- migrations/versions/0001_outbox.py; the statements here call them.
+-- transitions (enqueue, claim, finish, lease recovery, key refresh) are PL/pgSQL functions created
+-- by migrations/versions/0001_outbox.py and 0003_batched_transitions.py; the statements here call
+-- them. Each statement is one round trip and, run in autocommit mode, its own transaction.
 --
--- Lock order, everywhere: the key's row in reactor.order_keys first, then its moves.
+-- Lock order, everywhere: the key's row in reactor.order_keys first, then its moves; a statement
+-- that locks several keys and waits for them takes them in order_key order.
 
--- name: enqueue_move
--- One upload, one move, numbered gap-free per order key.
---  * fresh: a notification of an upload that already has a move stops here, without touching
---    the counter (the common duplicate costs one index probe and no lock).
---  * counter: the upsert takes the key's row lock, so enqueuers of one key are serialized and
---    each gets last_seq + 1. The lock is held only by short transactions (enqueue, claim,
---    finish), never during a move, so enqueueing never waits for S3.
---  * A concurrent duplicate that slipped past `fresh` hits uq_moves_upload here and returns no
---    row; the caller then ROLLS BACK, which also undoes the counter bump: no gap.
---  * An open move (:open) becomes the key's head when the key had none: it is ready now, and
---    pg_notify (delivered at commit) wakes the pollers of every instance. A move that can
---    never run (its rendered target is unsafe) is recorded failed at once and takes its seq
---    without ever becoming a head.
-WITH fresh AS (
-    SELECT 1
-     WHERE NOT EXISTS (
-           SELECT 1 FROM reactor.moves
-            WHERE source_bucket = :source_bucket AND source_key = :source_key
-              AND source_version_id = :source_version_id AND etag = :etag AND modified_ms = :modified_ms)
-), counter AS (
-    INSERT INTO reactor.order_keys AS k (order_key, last_seq, head_seq, ready_at)
-    SELECT :order_key, 1, CASE WHEN :open THEN 1 END, CASE WHEN :open THEN now() END FROM fresh
-    ON CONFLICT (order_key) DO UPDATE
-       SET last_seq = k.last_seq + 1,
-           head_seq = CASE WHEN :open THEN coalesce(k.head_seq, k.last_seq + 1) ELSE k.head_seq END,
-           ready_at = CASE WHEN :open AND k.head_seq IS NULL THEN now() ELSE k.ready_at END
-    RETURNING k.last_seq AS seq, coalesce(k.head_seq = k.last_seq, false) AS is_head
-), inserted AS (
-    INSERT INTO reactor.moves (order_key, seq, rule, via, source_bucket, source_key, source_version_id,
-                               etag, size, sequencer, modified_ms, target_bucket, target_key, event,
-                               status, last_error, finished_at)
-    SELECT :order_key, counter.seq, :rule, :via, :source_bucket, :source_key, :source_version_id,
-           :etag, :size, :sequencer, :modified_ms, :target_bucket, :target_key, CAST(:event AS jsonb),
-           CASE WHEN :open THEN 'pending' ELSE 'failed' END::reactor.move_status,
-           :error, CASE WHEN :open THEN NULL ELSE clock_timestamp() END
-      FROM counter
-    ON CONFLICT ON CONSTRAINT uq_moves_upload DO NOTHING
-    RETURNING id, seq
-), audit AS (
-    INSERT INTO reactor.move_events (move_id, kind, worker, detail)
-    SELECT id, CASE WHEN :open THEN 'enqueued' ELSE 'failed' END, :worker,
-           jsonb_strip_nulls(jsonb_build_object('via', CAST(:via AS text), 'seq', seq,
-                                                'error', CAST(:error AS text)))
-      FROM inserted
-    RETURNING move_id
-), wake AS (
-    SELECT pg_notify('reactor_moves', '') FROM counter WHERE is_head
-)
--- wake's count is selected on purpose: a read-only CTE nothing reads is never run, and the
--- planner drops an unused LEFT JOIN to it, which would silently skip the notify.
-SELECT inserted.id, inserted.seq, counter.is_head, (SELECT count(*) FROM wake) AS woke
-  FROM inserted CROSS JOIN counter;
+-- name: enqueue_moves
+-- A batch of uploads, one move each, numbered gap-free per order key; duplicates return no row.
+-- See reactor.enqueue_moves in migrations/versions/0003_batched_transitions.py: the common
+-- duplicate costs one index probe; otherwise the key's row is locked first, the duplicate check
+-- repeated under it, and the counter moves only once the move row is in. Keys are locked in
+-- order_key order. Run in autocommit: the statement is its own transaction, one round trip.
+SELECT o_idx AS idx, o_move_id AS id, o_seq AS seq, o_is_head AS is_head
+  FROM reactor.enqueue_moves(CAST(:moves AS jsonb), :worker);
 
 -- name: claim_moves
--- Claim up to :limit heads of different keys, for this worker, under a lease.
---  * ready: only keys whose head may run now, read through the small partial index on
---    ready_at; FOR UPDATE SKIP LOCKED lets every instance claim concurrently without waiting
---    and without two of them taking the same key.
---  * claimed: the head must still be pending and nothing of its key running; the unique
---    partial index uq_moves_running_order_key would refuse a second running move anyway.
---    A fresh lease_token fences the finish: a worker whose lease was taken over cannot finish.
---  * newer_done: a later version of the same source key was already moved; copying this one
---    would put older bytes over newer ones, so the worker records it superseded.
-WITH ready AS (
-    SELECT k.order_key, k.head_seq
-      FROM reactor.order_keys k
-     WHERE k.ready_at <= now()
-     ORDER BY k.ready_at
-     LIMIT :limit
-       FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE reactor.moves m
-       SET status = 'running',
-           attempts = m.attempts + 1,
-           started_at = coalesce(m.started_at, clock_timestamp()),
-           worker = :worker,
-           lease_token = gen_random_uuid(),
-           lease_expires_at = clock_timestamp() + make_interval(secs => :lease_seconds)
-      FROM ready
-     WHERE m.order_key = ready.order_key AND m.seq = ready.head_seq AND m.status = 'pending'
-       AND NOT EXISTS (SELECT 1 FROM reactor.moves r WHERE r.order_key = m.order_key AND r.status = 'running')
- RETURNING m.id, m.order_key, m.seq, m.rule, m.source_bucket, m.source_key, m.source_version_id, m.etag,
-           m.size, m.sequencer, m.target_bucket, m.target_key, m.attempts, m.lease_token, m.target_etag
-), unready AS (
-    UPDATE reactor.order_keys k SET ready_at = NULL FROM claimed WHERE k.order_key = claimed.order_key
-    RETURNING k.order_key
-), audit AS (
-    INSERT INTO reactor.move_events (move_id, kind, worker, detail)
-    SELECT id, 'claimed', :worker, jsonb_build_object('attempt', attempts) FROM claimed
-    RETURNING move_id
-)
-SELECT c.*,
-       EXISTS (SELECT 1 FROM reactor.moves n
-                WHERE n.source_bucket = c.source_bucket AND n.source_key = c.source_key
-                  AND n.status = 'done' AND c.sequencer <> ''
-                  AND n.sequencer COLLATE "C" > c.sequencer COLLATE "C") AS newer_done
-  FROM claimed c
-  LEFT JOIN (SELECT count(*) AS n FROM unready) u ON true
-  LEFT JOIN (SELECT count(*) AS n FROM audit) a ON true
- ORDER BY c.id;
+-- Claim up to :limit heads of different keys, for this worker, under a lease (see
+-- reactor.claim_moves in migration 0003: ready keys through the partial index on ready_at,
+-- FOR UPDATE SKIP LOCKED, a fresh lease token per claim, newer_done for stale versions).
+SELECT * FROM reactor.claim_moves(:worker, :limit, :lease_seconds);
 
--- name: finish_move
--- Record an attempt's outcome; see reactor.finish_move in the migration: key lock first,
--- fenced by the lease token (returns false when this worker no longer owns the move).
-SELECT reactor.finish_move(:move_id, :lease_token, CAST(:status AS reactor.move_status), :blocking,
-                           :retry_delay, :error, :note, :target_etag, :kind, :worker,
-                           CAST(:detail AS jsonb)) AS finished;
+-- name: finish_and_claim
+-- The poller's cycle in one round trip: record every finished attempt (reactor.finish_move for
+-- each, key lock first, fenced by the lease token), then claim up to :limit heads. Rows with
+-- finished_id set name the recorded finishes; a finish missing from them was fenced (its lease
+-- was taken over). The other rows are claims. :limit 0 only records.
+SELECT * FROM reactor.finish_and_claim(CAST(:finishes AS jsonb), :worker, :limit, :lease_seconds);
 
 -- name: renew_leases
 -- Heartbeat: extend the leases this worker still holds; a move missing from the result was

@@ -7,12 +7,14 @@ import json
 import re
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 
+from reactor.devstack import claim_plans
 from tests.support.e2e import conninfo, history, post, put, sql, wait_settled, write_rules
 from tests.support.stack import (
     REPO_ROOT,
@@ -153,25 +155,17 @@ def test_pruning_removes_old_finished_moves_in_batches_and_keeps_the_claim_plan(
 
 
 def claim_plan(database_url: str) -> list[tuple[str, str, str]]:
-    """The claim statement's plan as (node type, relation, index) triples."""
-    from reactor.queries import query
-
-    claim = str(query("claim_moves")).replace(":limit", "10").replace(":worker", "'w'")
-    claim = claim.replace(":lease_seconds", "30")
-    with psycopg.connect(conninfo(database_url)) as conn:
-        row = conn.execute("EXPLAIN (FORMAT JSON) " + claim).fetchone()  # type: ignore[arg-type]
-        conn.rollback()
-    assert row is not None
+    """The plan of the claim inside reactor.claim_moves as (node type, relation, index) triples."""
     nodes: list[tuple[str, str, str]] = []
 
-    def walk(node: dict[str, object]) -> None:
+    def walk(node: dict[str, Any]) -> None:
         nodes.append(
             (str(node["Node Type"]), str(node.get("Relation Name", "")), str(node.get("Index Name", "")))
         )
-        for child in node.get("Plans", []):  # type: ignore[attr-defined]
+        for child in node.get("Plans", []):
             walk(child)
 
-    walk(row[0][0]["Plan"])
+    walk(claim_plans(conninfo(database_url), limit=10, runs=1)[0])
     return nodes
 
 
