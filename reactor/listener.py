@@ -43,8 +43,11 @@ class BucketListener(threading.Thread):
         self._backlog: queue.Queue[Upload | Ignored] = queue.Queue(maxsize=BACKLOG)
         self._ingester = threading.Thread(target=self._ingest_loop, name=f"ingest-{bucket}", daemon=True)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop reading; what was read is still recorded (bounded by `timeout`)."""
         self._stop.set()
+        if self._ingester.is_alive() and self._ingester is not threading.current_thread():
+            self._ingester.join(timeout)
 
     def run(self) -> None:
         self._ingester.start()
@@ -87,7 +90,10 @@ class BucketListener(threading.Thread):
             log.error("listen_event_invalid", bucket=self.bucket, error=str(exc))
             return
         for notice in notices:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set():
+                    log.error("listen_event_lost", bucket=self.bucket, key=notice.key, error="stopping")
+                    break
                 try:
                     self._backlog.put(notice, timeout=0.5)
                     break
@@ -125,12 +131,16 @@ class BucketListener(threading.Thread):
                     log.error(
                         "listen_event_lost",
                         bucket=self.bucket,
-                        keys=[getattr(n, "key", "") for n in notices],
+                        keys=[n.key for n in notices],
                         error=str(exc),
                     )
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except Exception:  # a bug must not kill the ingester; the sweep finds what is lost
-                log.exception("listen_ingest_failed", bucket=self.bucket, notices=len(notices))
+            except Exception:  # not an outage: record them one by one, so one bad notice loses only itself
+                if len(notices) == 1:
+                    log.exception("listen_event_lost", bucket=self.bucket, key=notices[0].key)
+                    return
+                for notice in notices:
+                    self._ingest([notice])
                 return

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Row, create_engine, text
+from sqlalchemy import Connection, Engine, Row, TextClause, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from reactor.domain import MoveId, MoveStatus, Upload, Via
@@ -77,6 +77,8 @@ class Finish:
 
 
 PRUNE_LOCK_ID = 727_002
+
+T = TypeVar("T")
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
@@ -170,17 +172,31 @@ class Outbox:
         self.engine = engine
         self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    def _rows(self, name: str, params: Mapping[str, Any]) -> Sequence[Row[Any]]:
-        """Run one named statement in autocommit mode and return its rows.
+    def _rows(
+        self, statement: str | TextClause, params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        """Run one statement (a name from queries.sql, or a clause) in autocommit mode; its rows."""
+        stmt = query(statement) if isinstance(statement, str) else statement
+        return self._retrying(lambda conn: conn.execute(stmt, params or {}).all(), autocommit=True)
 
-        A statement that fails because its pooled connection died (PostgreSQL restarted since it
-        was last used) runs once more on a fresh one: every statement here is safe to repeat
-        (enqueue deduplicates, finishes are fenced by the lease token, the rest are idempotent).
+    def _retrying(self, work: Callable[[Connection], T], *, autocommit: bool) -> T:
+        """Run `work` on a pooled connection (in autocommit mode, or in one transaction).
+
+        Without a pre-ping, a pooled connection that PostgreSQL closed (a restart since it was last
+        used) fails its first statement; SQLAlchemy then discards the whole pool, and the work runs
+        once more on a fresh connection. Such a failure happens when the statement is sent, so it
+        did not run. (A connection lost in the instant between the server's commit and its answer
+        would run it twice: enqueue deduplicates, finishes are fenced by the lease token and then
+        reported as fenced, and a repeated claim leaves its first claims to lease recovery.)
         """
+        source = self._auto if autocommit else self.engine
         for attempt in (1, 2):
             try:
-                with self._auto.connect() as conn:
-                    return conn.execute(query(name), params).all()
+                with source.connect() as conn:
+                    result = work(conn)
+                    if not autocommit:
+                        conn.commit()
+                    return result
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
                     continue
@@ -189,19 +205,8 @@ class Outbox:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except DBAPIError as exc:
-            if _is_unavailable(exc):
-                raise _unavailable(exc) from exc
-            raise
-
     def ping(self) -> None:
-        with self._tx() as conn:
-            conn.execute(text("SELECT 1"))
+        self._rows(text("SELECT 1"))
 
     def enqueue(self, move: NewMove, *, worker: str) -> Enqueued:
         """Record the move; a duplicate of an already recorded upload returns move_id None."""
@@ -273,55 +278,56 @@ class Outbox:
 
     def retry(self, move_ids: Sequence[int], *, worker: str) -> list[MoveId]:
         """Put failed moves back to pending, each in its key's lock order; returns those retried."""
+
+        def retry_one(conn: Connection, move_id: int) -> MoveId | None:
+            key = conn.execute(
+                text("SELECT order_key FROM reactor.moves WHERE id = :id"), {"id": move_id}
+            ).scalar_one_or_none()
+            if key is None:
+                return None
+            conn.execute(query("lock_key"), {"order_key": key})
+            row = conn.execute(query("retry_move"), {"move_id": move_id, "worker": worker}).first()
+            if row is None:
+                return None
+            conn.execute(query("refresh_key"), {"order_key": key})
+            return MoveId(row.id)
+
         retried: list[MoveId] = []
         for move_id in move_ids:
-            with self._tx() as conn:
-                key = conn.execute(
-                    text("SELECT order_key FROM reactor.moves WHERE id = :id"), {"id": move_id}
-                ).scalar_one_or_none()
-                if key is None:
-                    continue
-                conn.execute(query("lock_key"), {"order_key": key})
-                row = conn.execute(query("retry_move"), {"move_id": move_id, "worker": worker}).first()
-                if row is None:
-                    continue
-                conn.execute(query("refresh_key"), {"order_key": key})
-                retried.append(MoveId(row.id))
+            done = self._retrying(partial(retry_one, move_id=move_id), autocommit=False)
+            if done is not None:
+                retried.append(done)
         if retried:
-            with self._tx() as conn:
-                conn.execute(text("SELECT pg_notify('reactor_moves', '')"))
+            self._rows(text("SELECT pg_notify('reactor_moves', '')"))
         return retried
 
     def prune(self, *, older_than_days: float, batch: int = 1000) -> int | None:
         """Delete finished moves older than the given age, batch by batch; None when another
         instance is pruning right now (one at a time, by an advisory lock)."""
         total = 0
-        with self.engine.connect() as lock_conn:
-            got = lock_conn.execute(
-                text("SELECT pg_try_advisory_lock(:id)"), {"id": PRUNE_LOCK_ID}
-            ).scalar_one()
-            lock_conn.commit()
-            if not got:
-                return None
-            try:
-                while True:
-                    with self._tx() as conn:
-                        deleted = len(
-                            conn.execute(
-                                query("prune_finished"),
-                                {"older_than_seconds": older_than_days * 86400.0, "batch": batch},
-                            ).all()
-                        )
-                    total += deleted
-                    if deleted < batch:
-                        return total
-            finally:
-                lock_conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": PRUNE_LOCK_ID})
-                lock_conn.commit()
+        params = {"older_than_seconds": older_than_days * 86400.0, "batch": batch}
+        try:
+            with self._auto.connect() as lock_conn:
+                got = lock_conn.execute(
+                    text("SELECT pg_try_advisory_lock(:id)"), {"id": PRUNE_LOCK_ID}
+                ).scalar_one()
+                if not got:
+                    return None
+                try:
+                    while True:
+                        deleted = len(self._rows("prune_finished", params))
+                        total += deleted
+                        if deleted < batch:
+                            return total
+                finally:
+                    lock_conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": PRUNE_LOCK_ID})
+        except DBAPIError as exc:
+            if _is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
 
     def queue_gauges(self) -> dict[str, float]:
-        with self._tx() as conn:
-            row = conn.execute(query("queue_gauges")).one()
+        row = self._rows("queue_gauges")[0]
         return {
             "pending": float(row.pending),
             "running": float(row.running),
@@ -330,9 +336,5 @@ class Outbox:
         }
 
     def failed_move_ids(self) -> list[int]:
-        with self._tx() as conn:
-            return list(
-                conn.execute(
-                    text("SELECT id FROM reactor.moves WHERE status = 'failed' ORDER BY id")
-                ).scalars()
-            )
+        rows = self._rows(text("SELECT id FROM reactor.moves WHERE status = 'failed' ORDER BY id"))
+        return [int(r.id) for r in rows]

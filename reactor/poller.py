@@ -26,7 +26,7 @@ import psycopg
 
 from reactor import decision, logs, metrics
 from reactor.domain import MoveId, MoveStatus, OnConflict
-from reactor.errors import LeaseLost, ObjectStoreUnavailable
+from reactor.errors import DatabaseUnavailable, LeaseLost, ObjectStoreUnavailable
 from reactor.mover import MoveOrder, Mover, MoveResult
 from reactor.outbox import ClaimedMove, Finish, Outbox
 
@@ -116,10 +116,6 @@ class Poller:
         self.renewed_at: dict[uuid.UUID, float] = {}
         self._done: list[_Done] = []
         self._state = threading.Lock()
-        # The dispatcher's cycle and the heartbeat never run at once: a batch finish holds row
-        # locks on several of this worker's moves, and a heartbeat renewing the same rows in
-        # another order could otherwise deadlock with it.
-        self._db_turn = threading.Lock()
         self._kick = threading.Event()
         self._stopping = threading.Event()  # no more claims; finishes are still recorded
         self._halted = threading.Event()  # the dispatcher exits
@@ -145,7 +141,12 @@ class Poller:
             if self._halted.is_set():
                 return
             self._kick.clear()
-            if self._cycle():
+            try:
+                ok = self._cycle()
+            except Exception:  # a bug must not end claiming for good; the next kick tries again
+                log.exception("dispatch_failed")
+                ok = False
+            if ok:
                 delay = 0.2
             else:  # PostgreSQL trouble: back off, then try again with whatever ended meanwhile
                 self._halted.wait(delay)
@@ -157,23 +158,31 @@ class Poller:
         with self._state:
             done, self._done = self._done, []
             free = self.config.concurrency - len(self.in_flight) + len(done)
-        limit = free if free > 0 and not self._stopping.is_set() and self._store_ready() else 0
+            store_down = self._store_down
+        # While MinIO is down, a cycle with finishes to record does not wait for a probe first;
+        # the next cycle (a poll) probes.
+        may_claim = free > 0 and not self._stopping.is_set() and not (done and store_down)
+        limit = free if may_claim and self._store_ready() else 0
         if not done and limit == 0:
             return True
         try:
-            with self._db_turn:
-                recorded, claimed = self.outbox.finish_and_claim(
-                    [(d.move, d.outcome) for d in done],
-                    limit=limit,
-                    worker=self.config.worker,
-                    lease_seconds=self.config.lease_seconds,
-                )
-        except Exception as exc:  # the lease covers the moves meanwhile; see _requeue
+            recorded, claimed = self.outbox.finish_and_claim(
+                [(d.move, d.outcome) for d in done],
+                limit=limit,
+                worker=self.config.worker,
+                lease_seconds=self.config.lease_seconds,
+            )
+        except DatabaseUnavailable as exc:  # the lease covers the moves meanwhile; see _requeue
             stage = "finish" if done else "claim"
             metrics.ERRORS.labels("postgres", stage).inc()
             log.warning(f"{stage}_failed", error=str(exc), finishes=len(done))
             self._requeue(done, str(exc))
             return False
+        except Exception as exc:  # not an outage: do not let one outcome hold up the others
+            metrics.ERRORS.labels("postgres", "finish" if done else "claim").inc()
+            log.exception("finish_and_claim_failed", finishes=len(done))
+            self._record_one_by_one(done, str(exc))
+            return True
         for d in done:
             self._report(d, recorded=d.move.id in recorded)
             self._forget(d.move)
@@ -182,13 +191,29 @@ class Poller:
             self._kick.set()  # there may be more; claim again once slots free up
         return True
 
+    def _record_one_by_one(self, done: list[_Done], error: str) -> None:
+        """After a batch failed for a reason other than an outage: each outcome on its own, so a
+        bad one (logged, left to lease recovery) does not keep the others unrecorded."""
+        for d in done:
+            try:
+                recorded = self.outbox.finish(d.move, d.outcome, worker=self.config.worker)
+            except DatabaseUnavailable as exc:
+                self._requeue([d], str(exc))
+                continue
+            except Exception as exc:
+                log.error("finish_unrecorded", move_id=d.move.id, error=f"{error}; alone: {exc}")
+                self._forget(d.move)
+                continue
+            self._report(d, recorded=recorded)
+            self._forget(d.move)
+
     def _requeue(self, done: list[_Done], error: str) -> None:
         """Keep unrecorded outcomes for the next cycle while their lease could still be ours; past
-        that (or when stopping) another worker will redo the move, which is idempotent."""
+        that, another worker will redo the move (every step is idempotent)."""
         keep: list[_Done] = []
         now = time.monotonic()
         for d in done:
-            if now - d.ended < self.config.lease_seconds and not self._stopping.is_set():
+            if now - d.ended < self.config.lease_seconds:
                 keep.append(d)
                 continue
             metrics.ERRORS.labels("postgres", "finish_unrecorded").inc()
@@ -372,8 +397,7 @@ class Poller:
             return
         asked = time.monotonic()
         try:
-            with self._db_turn:
-                renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
+            renewed = self.outbox.renew(held, lease_seconds=self.config.lease_seconds)
         except Exception as exc:  # unrenewed leases age out locally (see holds())
             metrics.ERRORS.labels("postgres", "heartbeat").inc()
             log.warning("heartbeat_failed", error=str(exc))

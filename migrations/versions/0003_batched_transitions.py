@@ -28,6 +28,9 @@ UPGRADE = """
 -- source_version_id, etag, size, sequencer, modified_ms, target_bucket, target_key, event, error);
 -- a row comes back for each upload recorded now (o_idx names it), none for a duplicate.
 --  * The common duplicate costs one index probe and takes no lock.
+--  * Two instances whose rules put the same upload under DIFFERENT keys (a rules change rolled
+--    out to one instance first) can deadlock here; PostgreSQL aborts one, and its caller retries
+--    as after any database error (the webhook answers 503, the listener tries again).
 --  * Otherwise the key's row is locked first (created when new), and the duplicate check is
 --    repeated under that lock: every enqueuer of an upload locks the same key, so a duplicate
 --    committed meanwhile is seen now. The counter moves only once the move row is in, so a
@@ -124,12 +127,17 @@ RETURNS TABLE (id bigint, order_key text, seq bigint, rule text, source_bucket t
                target_key text, attempts integer, lease_token uuid, target_etag text, newer_done boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    -- The clock, not now(): after finish_moves in the same transaction, a head made ready by an
+    -- enqueue that committed while this transaction waited for a key lock is claimable too. A
+    -- variable, so the comparison is still an index condition.
+    v_now timestamptz := clock_timestamp();
 BEGIN
     RETURN QUERY
     WITH ready AS (
         SELECT k.order_key, k.head_seq
           FROM reactor.order_keys k
-         WHERE k.ready_at <= now()
+         WHERE k.ready_at <= v_now
          ORDER BY k.ready_at
          LIMIT p_limit
            FOR UPDATE SKIP LOCKED
@@ -220,6 +228,13 @@ BEGIN
                                        JOIN reactor.moves m ON m.id = f.id))
       ORDER BY k.order_key
         FOR UPDATE OF k;
+    -- Then the moves' rows, in id order, as renew_leases takes them: a heartbeat renewing some
+    -- of the same rows never waits for this batch in a cycle.
+    PERFORM 1
+       FROM reactor.moves m
+      WHERE m.id = ANY (ARRAY(SELECT f.id FROM jsonb_to_recordset(p_finishes) AS f(id bigint)))
+      ORDER BY m.id
+        FOR UPDATE OF m;
     WITH f AS (
         SELECT *
           FROM jsonb_to_recordset(p_finishes) AS f(

@@ -31,11 +31,24 @@ SELECT * FROM reactor.finish_and_claim(CAST(:finishes AS jsonb), :worker, :limit
 
 -- name: renew_leases
 -- Heartbeat: extend the leases this worker still holds; a move missing from the result was
--- taken over (its lease expired) and its worker must stop touching it.
+-- taken over (or its lease already ran out) and its worker must stop touching it.
+--  * Rows are locked in id order, as finish_moves locks them, so a heartbeat and a batch finish
+--    of the same worker never deadlock.
+--  * An expired lease is not renewed: recover_expired may be giving it back right now (and
+--    skipping expired rows here means never waiting for it, whose lock order differs).
+WITH held AS (
+    SELECT m.id
+      FROM reactor.moves m
+      JOIN unnest(CAST(:move_ids AS bigint[]), CAST(:lease_tokens AS uuid[])) AS h(id, token)
+        ON m.id = h.id AND m.lease_token = h.token
+     WHERE m.status = 'running' AND m.lease_expires_at > clock_timestamp()
+     ORDER BY m.id
+       FOR UPDATE OF m
+)
 UPDATE reactor.moves m
    SET lease_expires_at = clock_timestamp() + make_interval(secs => :lease_seconds)
-  FROM unnest(CAST(:move_ids AS bigint[]), CAST(:lease_tokens AS uuid[])) AS held(id, token)
- WHERE m.id = held.id AND m.lease_token = held.token AND m.status = 'running'
+  FROM held
+ WHERE m.id = held.id
 RETURNING m.id;
 
 -- name: recover_expired
