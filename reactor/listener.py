@@ -23,6 +23,7 @@ from reactor.domain import Ignored, Upload
 from reactor.errors import DatabaseUnavailable, EventError
 from reactor.events import UPLOAD_EVENTS, parse_listen_event
 from reactor.ingest import Ingestor
+from reactor.objectstore import listen
 
 log = logs.get("reactor.listener")
 
@@ -55,21 +56,18 @@ class BucketListener(threading.Thread):
         disconnected_at: float | None = None
         while not self._stop.is_set():
             try:
-                stream = self.client.listen_bucket_notification(
-                    self.bucket, events=tuple(sorted(UPLOAD_EVENTS))
-                )
-                with stream:
-                    # MinIO sends no response headers before the first event, so the client cannot
-                    # see the moment the subscription starts: log the attempt, not a confirmation.
-                    if disconnected_at is not None:
-                        log.warning(
-                            "listen_reconnected",
-                            bucket=self.bucket,
-                            gap_seconds=round(time.monotonic() - disconnected_at, 3),
-                        )
-                    else:
-                        log.info("listen_connecting", bucket=self.bucket)
-                    disconnected_at = None
+                # MinIO sends no response headers before the first event, so the client cannot
+                # see the moment the subscription starts: log the attempt, not a confirmation.
+                if disconnected_at is not None:
+                    log.warning(
+                        "listen_reconnected",
+                        bucket=self.bucket,
+                        gap_seconds=round(time.monotonic() - disconnected_at, 3),
+                    )
+                else:
+                    log.info("listen_connecting", bucket=self.bucket)
+                disconnected_at = None
+                with listen(self.client, self.bucket, sorted(UPLOAD_EVENTS)) as stream:
                     delay = 0.5
                     for event in stream:
                         if self._stop.is_set():
