@@ -128,8 +128,8 @@ How each column is measured (all on this one machine, one clock):
   the bench's own polling queries, per move. It includes start-up, shutdown and the background jobs
   (poll every 1 s, lease recovery, the reconcile sweep at start), which weigh more on small runs.
 - DB stmts/move: statements the clients sent (pg_stat_statements, track=top, BEGIN and COMMIT
-  included), minus the bench's own, per move: the closest measure of round trips. The SQLAlchemy pool's
-  pre-ping (one more round trip per checkout) does not show there. "—" without pg_stat_statements.
+  included), minus the bench's own, per move: the closest measure of round trips (the reactor runs
+  autocommit statements without pool pre-ping, so none are hidden). "—" without pg_stat_statements.
 - CPU s/1k moves: utime + stime (/proc/<pid>/stat) of all reactor (or procrastinate worker) processes,
   from ready to the last move finished, per 1,000 moves. raw and seed-style: CPU of their mover threads
   (time.thread_time), which run inside the bench process.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from reactor import logs, metrics
@@ -26,10 +26,16 @@ class IngestReport:
 class Ingestor:
     """Matches each upload against the rules and records a move for it, once."""
 
-    def __init__(self, *, rules: RuleSet, outbox: Outbox, worker: str) -> None:
+    def __init__(
+        self, *, rules: RuleSet, outbox: Outbox, worker: str, on_ready: Callable[[], None] | None = None
+    ) -> None:
         self.rules = rules
         self.outbox = outbox
         self.worker = worker
+        # Called when an enqueue made a move runnable at once: this instance's poller claims it
+        # without waiting for its own NOTIFY to come back from PostgreSQL (other instances still
+        # get the NOTIFY).
+        self.on_ready = on_ready
 
     def ingest(self, notices: Iterable[Upload | Ignored], *, via: Via) -> IngestReport:
         """Every matched upload is committed, in one round trip and one transaction, before this
@@ -70,6 +76,8 @@ class Ingestor:
             }
             pending.append((move, fields))
         results = self.outbox.enqueue_many([move for move, _ in pending], worker=self.worker)
+        if self.on_ready is not None and any(r.is_head for r in results):
+            self.on_ready()
         for (move, fields), result in zip(pending, results, strict=True):
             if result.duplicate:
                 metrics.EVENTS.labels(via, "duplicate").inc()

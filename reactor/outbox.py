@@ -34,6 +34,7 @@ class NewMove:
 class Enqueued:
     move_id: MoveId | None  # None: this upload already had a move
     seq: int | None
+    is_head: bool = False  # the move is its key's head: runnable now
 
     @property
     def duplicate(self) -> bool:
@@ -221,7 +222,7 @@ class Outbox:
         rows = self._rows("enqueue_moves", {"moves": payload, "worker": worker})
         results = [Enqueued(move_id=None, seq=None)] * len(moves)
         for r in rows:
-            results[r.idx] = Enqueued(move_id=MoveId(r.id), seq=r.seq)
+            results[r.idx] = Enqueued(move_id=MoveId(r.id), seq=r.seq, is_head=bool(r.is_head))
         return results
 
     def claim(self, limit: int, *, worker: str, lease_seconds: float) -> list[ClaimedMove]:

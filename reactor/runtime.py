@@ -142,7 +142,7 @@ def build(settings: Settings) -> Service:
         on_conflict=on_conflict,
         store_alive=lambda: store.ping(min(rules.source_buckets)),
     )
-    ingestor = Ingestor(rules=rules, outbox=outbox, worker=settings.instance_id)
+    ingestor = Ingestor(rules=rules, outbox=outbox, worker=settings.instance_id, on_ready=poller.wake)
     reconciler = Reconciler(
         lister=store, rules=rules, ingestor=ingestor, grace_seconds=settings.reconcile_grace
     )

@@ -666,3 +666,36 @@ def test_an_enqueue_that_makes_a_new_head_notifies_listeners(outbox: Outbox, dat
     # Then only the new head woke the pollers
     assert [n.channel for n in first] == ["reactor_moves"]
     assert second == []
+
+
+def test_an_enqueue_says_whether_its_move_is_runnable_at_once(outbox: Outbox) -> None:
+    # When a key gets its first move, a second one behind it, and the first again (a duplicate)
+    first = outbox.enqueue(new_move(upload("a.jpg"), "H"), worker=WORKER)
+    second = outbox.enqueue(new_move(upload("b.jpg"), "H"), worker=WORKER)
+    again = outbox.enqueue(new_move(upload("a.jpg"), "H"), worker=WORKER)
+    # Then only the first is its key's head (the enqueuing instance wakes its own poller for it)
+    assert (first.is_head, second.is_head) == (True, False)
+    assert again.duplicate
+    assert not again.is_head
+
+
+def test_a_batch_enqueue_numbers_each_key_in_input_order_and_skips_duplicates(outbox: Outbox) -> None:
+    # Given one move already recorded
+    outbox.enqueue(new_move(upload("x/1.jpg"), "B"), worker=WORKER)
+    # When a batch mixes two keys, a duplicate of it, and a duplicate within the batch
+    batch = [
+        new_move(upload("x/2.jpg"), "B"),
+        new_move(upload("y/1.jpg"), "A"),
+        new_move(upload("x/1.jpg"), "B"),
+        new_move(upload("x/3.jpg"), "B"),
+        new_move(upload("y/1.jpg"), "A"),
+    ]
+    results = outbox.enqueue_many(batch, worker=WORKER)
+    # Then results come back in input order, seqs are gap-free per key, duplicates get none
+    assert [(r.seq, r.duplicate) for r in results] == [
+        (2, False),
+        (1, False),
+        (None, True),
+        (3, False),
+        (None, True),
+    ]
