@@ -1,4 +1,5 @@
-"""The rows without a database: `raw` (the physical limit) and `seed-style` (what teams write by hand).
+"""The rows without a database: `raw` (the physical limit), `seed-style` (what teams write by hand) and
+`serial` (the ordering floor: the reactor's own mover, one move at a time).
 
 Both get each upload in-process the moment its PUT returns, so they pay nothing for ingestion: they
 are the yardstick, not a fair peer on durability. CPU is the mover threads' own (time.thread_time),
@@ -16,6 +17,8 @@ from minio import Minio
 from minio.commonconfig import CopySource
 
 from bench.common import RowResult, Uploaded, Workload, check_moved, upload_all
+from reactor.mover import MoveOrder, Mover
+from reactor.objectstore import MinioStore
 
 
 class _Tally:
@@ -145,3 +148,53 @@ def run_seed(client: Minio, source: str, target: str, workload: Workload, *, dea
         for thread in started:
             thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
     return _finish("seed-style", workload, client, source, target, uploads, tally)
+
+
+def run_serial(
+    client: Minio, store: MinioStore, source: str, target: str, workload: Workload, *, deadline: float
+) -> RowResult:
+    """ONE thread runs reactor.mover.Mover (copy if-match, verify, check the source, delete) on every
+    upload in arrival order: what any mover that runs moves strictly one at a time, verified, can
+    reach against this MinIO, with no database and free in-process events. The one-task workload's
+    ceiling for every ordered row, the reactor's included."""
+    todo: queue.Queue[Uploaded | None] = queue.Queue()
+    tally = _Tally()
+    mover = Mover(store)
+
+    def run() -> None:
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    item = todo.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                order = MoveOrder(
+                    source_bucket=source,
+                    source_key=item.key,
+                    version_id="",
+                    etag=item.etag,
+                    size=item.size,
+                    target_bucket=target,
+                    target_key=item.key,
+                )
+                try:
+                    result = mover.execute(order)
+                    if result.status.value != "done":
+                        raise RuntimeError(f"{result.status.value}: {result.error or result.note}")  # noqa: TRY301
+                except Exception as exc:
+                    tally.error(item.key, exc)
+                    continue
+                tally.done(item.key)
+        finally:
+            tally.add_cpu()
+
+    thread = threading.Thread(target=run, name="serial", daemon=True)
+    thread.start()
+    try:
+        uploads = upload_all(client, source, workload, deadline=deadline, on_uploaded=todo.put)
+    finally:
+        todo.put(None)
+        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    return _finish("serial", workload, client, source, target, uploads, tally)

@@ -21,16 +21,18 @@ from pathlib import Path
 from minio import Minio
 
 from bench import claim, procr
-from bench.baselines import run_raw, run_seed
+from bench.baselines import run_raw, run_seed, run_serial
 from bench.common import RowResult, Workload, empty_bucket, s3_client, workloads
 from bench.reactor_rows import MODES, run_reactor_row
 from bench.services import BenchMinio, machine, start_minio, start_postgres, versions
 from reactor.devstack import TEST_PG_SETTINGS, PostgresServer, StackError
+from reactor.objectstore import MinioStore
 
-ROWS = ("raw", "seed", "procrastinate", "listen", "webhook", "webhook-queue", "x3")
+ROWS = ("raw", "seed", "serial", "procrastinate", "listen", "webhook", "webhook-queue", "x3")
 ROW_LABEL = {
     "raw": "raw",
     "seed": "seed-style",
+    "serial": "serial",
     "procrastinate": "procrastinate",
     **{name: mode.row for name, mode in MODES.items()},
 }
@@ -134,7 +136,9 @@ How each column is measured (all on this one machine, one clock):
   from ready to the last move finished, per 1,000 moves. raw and seed-style: CPU of their mover threads
   (time.thread_time), which run inside the bench process.
 - peak RSS: VmHWM of the largest reactor (or procrastinate worker) process.
-- raw and seed-style get each upload in-process the moment its PUT returns; reactor rows get it via
+- serial: one thread running reactor.mover.Mover on each upload in arrival order (the one-task ceiling
+  of any strictly ordered, verifying mover).
+- raw, seed-style and serial get each upload in-process the moment its PUT returns; reactor rows get it via
   MinIO (listen stream or webhook); procrastinate gets it from a defer() in the uploader thread.
 - Listen rows: while waiting for the last moves the bench uploads 5 tiny non-matching objects per second
   ("nudges"), because MinIO sends a listen stream in batches of some KiB and the tail of a burst would
@@ -187,11 +191,17 @@ def _run_row(
     _db, source, target = names
     deadline = time.monotonic() + timeout
     try:
-        if row in ("raw", "seed"):
+        if row in ("raw", "seed", "serial"):
             client.make_bucket(source)
             client.make_bucket(target)
             if row == "raw":
                 return run_raw(client, source, target, wl, concurrency=concurrency, deadline=deadline)
+            if row == "serial":
+                server = minio.server
+                store = MinioStore(
+                    endpoint=server.endpoint, access_key=server.access_key, secret_key=server.secret_key
+                )
+                return run_serial(client, store, source, target, wl, deadline=deadline)
             return run_seed(client, source, target, wl, deadline=deadline)
         if row == "procrastinate":
             client.make_bucket(source)
