@@ -699,3 +699,42 @@ def test_a_batch_enqueue_numbers_each_key_in_input_order_and_skips_duplicates(ou
         (3, False),
         (None, True),
     ]
+
+
+def test_finish_and_claim_takes_the_keys_next_move_in_the_same_round_trip(outbox: Outbox) -> None:
+    # Given a key with two moves, the first claimed
+    enqueue(outbox, "one")
+    enqueue(outbox, "one")
+    (first,) = claim(outbox)
+    # When its outcome is recorded with room for one more claim
+    recorded, claimed = outbox.finish_and_claim([(first, DONE)], limit=1, worker=WORKER, lease_seconds=LEASE)
+    # Then the same statement recorded it and claimed the key's next move
+    assert recorded == {first.id}
+    assert heads(claimed) == {("one", 2)}
+
+
+def test_a_head_made_ready_while_a_finish_waits_for_a_lock_is_claimed_by_it(
+    outbox: Outbox, engine: Engine
+) -> None:
+    # Given a claimed move whose key another transaction holds locked
+    enqueue(outbox, "busy")
+    (held,) = claim(outbox)
+    blocker = engine.connect()
+    blocker.execute(text("SELECT 1 FROM reactor.order_keys WHERE order_key = 'busy' FOR UPDATE"))
+    try:
+        # When its finish-and-claim starts, waits for that lock, and meanwhile another key gets a head
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                outbox.finish_and_claim, [(held, DONE)], limit=5, worker=WORKER, lease_seconds=LEASE
+            )
+            time.sleep(0.3)
+            assert not pending.done()
+            enqueue(outbox, "late")  # committed after the finish-and-claim statement started
+            blocker.rollback()
+            recorded, claimed = pending.result(timeout=10)
+    finally:
+        blocker.close()
+    # Then that statement claims the new head too (ready_at is compared with the clock, not with the
+    # statement's start), instead of leaving it to the next poll
+    assert recorded == {held.id}
+    assert heads(claimed) == {("late", 1)}

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from reactor.devstack import TEST_PG_SETTINGS, PostgresServer
+from reactor.domain import Upload
 from reactor.migrate import upgrade
+from reactor.outbox import NewMove, Outbox, make_engine
 from tests.support.e2e import (
     alerts_rule,
     events_of,
@@ -166,3 +168,35 @@ def test_sigterm_lets_the_running_move_finish_before_exiting(
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 1, reactor.instance_id)
     assert sha256_of(client, dst, "vid/t1/big.bin") == digest
     assert "reactor_stopping" in reactor.log_text()
+
+
+def test_the_first_call_after_a_postgres_restart_succeeds(own_postgres: PostgresServer) -> None:
+    # Given an outbox whose pool holds a connection (no pre-ping checks it on checkout)
+    own_postgres.create_database("restart")
+    database_url = own_postgres.url("restart")
+    upgrade(database_url)
+    engine = make_engine(database_url, pool_size=1)
+    outbox = Outbox(engine)
+    try:
+        first = NewMove(upload=_upload("a.jpg"), rule="r", order_key="k", target_bucket="d",
+                        target_key="a.jpg", via="webhook")  # fmt: skip
+        assert outbox.enqueue(first, worker="w").move_id is not None
+        for call in ("enqueue", "claim", "gauges"):
+            # When PostgreSQL restarts between two calls (the pooled connection is now dead)
+            own_postgres.stop("fast")
+            own_postgres.start()
+            # Then the next call runs on a fresh connection instead of failing
+            if call == "enqueue":
+                second = NewMove(upload=_upload("b.jpg"), rule="r", order_key="k", target_bucket="d",
+                                 target_key="b.jpg", via="webhook")  # fmt: skip
+                assert outbox.enqueue(second, worker="w").seq == 2
+            elif call == "claim":
+                assert [m.seq for m in outbox.claim(5, worker="w", lease_seconds=30)] == [1]
+            else:
+                assert outbox.queue_gauges()["running"] == 1.0
+    finally:
+        engine.dispose()
+
+
+def _upload(key: str) -> Upload:
+    return Upload(bucket="s", key=key, etag="e", size=1)
