@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from minio import Minio
 from minio.commonconfig import CopySource
@@ -66,14 +67,23 @@ def _finish(  # noqa: PLR0917
     return result
 
 
-def run_raw(
-    client: Minio, source: str, target: str, workload: Workload, *, concurrency: int, deadline: float
+def _queue_movers(
+    row: str,
+    client: Minio,
+    source: str,
+    target: str,
+    workload: Workload,
+    *,
+    threads: int,
+    deadline: float,
+    move: Callable[[Uploaded], None],
 ) -> RowResult:
-    """A bare loop of `concurrency` threads: copy (if-match) + stat + remove; no database, no order."""
+    """`threads` threads take uploads from a queue, in arrival order, and `move` each (an exception
+    counts as an error); the uploads reach the queue the moment their PUT returns."""
     todo: queue.Queue[Uploaded | None] = queue.Queue()
     tally = _Tally()
 
-    def mover() -> None:
+    def worker() -> None:
         try:
             while time.monotonic() < deadline:
                 try:
@@ -83,11 +93,7 @@ def run_raw(
                 if item is None:
                     return
                 try:
-                    client.copy_object(target, item.key, CopySource(source, item.key, match_etag=item.etag))
-                    stat = client.stat_object(target, item.key)
-                    if (stat.etag or "").strip('"') != item.etag or stat.size != item.size:
-                        raise RuntimeError(f"target differs: {stat.etag} {stat.size}")  # noqa: TRY301
-                    client.remove_object(source, item.key)
+                    move(item)
                 except Exception as exc:
                     tally.error(item.key, exc)
                     continue
@@ -95,17 +101,34 @@ def run_raw(
         finally:
             tally.add_cpu()
 
-    threads = [threading.Thread(target=mover, name=f"raw-{n}", daemon=True) for n in range(concurrency)]
-    for thread in threads:
+    pool = [threading.Thread(target=worker, name=f"{row}-{n}", daemon=True) for n in range(threads)]
+    for thread in pool:
         thread.start()
     try:
         uploads = upload_all(client, source, workload, deadline=deadline, on_uploaded=todo.put)
     finally:
-        for _ in threads:
+        for _ in pool:
             todo.put(None)
-        for thread in threads:
+        for thread in pool:
             thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-    return _finish("raw", workload, client, source, target, uploads, tally)
+    return _finish(row, workload, client, source, target, uploads, tally)
+
+
+def run_raw(
+    client: Minio, source: str, target: str, workload: Workload, *, concurrency: int, deadline: float
+) -> RowResult:
+    """A bare loop of `concurrency` threads: copy (if-match) + stat + remove; no database, no order."""
+
+    def move(item: Uploaded) -> None:
+        client.copy_object(target, item.key, CopySource(source, item.key, match_etag=item.etag))
+        stat = client.stat_object(target, item.key)
+        if (stat.etag or "").strip('"') != item.etag or stat.size != item.size:
+            raise RuntimeError(f"target differs: {stat.etag} {stat.size}")
+        client.remove_object(source, item.key)
+
+    return _queue_movers(
+        "raw", client, source, target, workload, threads=concurrency, deadline=deadline, move=move
+    )
 
 
 def run_seed(client: Minio, source: str, target: str, workload: Workload, *, deadline: float) -> RowResult:
@@ -157,44 +180,20 @@ def run_serial(
     upload in arrival order: what any mover that runs moves strictly one at a time, verified, can
     reach against this MinIO, with no database and free in-process events. The one-task workload's
     ceiling for every ordered row, the reactor's included."""
-    todo: queue.Queue[Uploaded | None] = queue.Queue()
-    tally = _Tally()
     mover = Mover(store)
 
-    def run() -> None:
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    item = todo.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                order = MoveOrder(
-                    source_bucket=source,
-                    source_key=item.key,
-                    version_id="",
-                    etag=item.etag,
-                    size=item.size,
-                    target_bucket=target,
-                    target_key=item.key,
-                )
-                try:
-                    result = mover.execute(order)
-                    if result.status.value != "done":
-                        raise RuntimeError(f"{result.status.value}: {result.error or result.note}")  # noqa: TRY301
-                except Exception as exc:
-                    tally.error(item.key, exc)
-                    continue
-                tally.done(item.key)
-        finally:
-            tally.add_cpu()
+    def move(item: Uploaded) -> None:
+        order = MoveOrder(
+            source_bucket=source,
+            source_key=item.key,
+            version_id="",
+            etag=item.etag,
+            size=item.size,
+            target_bucket=target,
+            target_key=item.key,
+        )
+        result = mover.execute(order)
+        if result.status.value != "done":
+            raise RuntimeError(f"{result.status.value}: {result.error or result.note}")
 
-    thread = threading.Thread(target=run, name="serial", daemon=True)
-    thread.start()
-    try:
-        uploads = upload_all(client, source, workload, deadline=deadline, on_uploaded=todo.put)
-    finally:
-        todo.put(None)
-        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-    return _finish("serial", workload, client, source, target, uploads, tally)
+    return _queue_movers("serial", client, source, target, workload, threads=1, deadline=deadline, move=move)
