@@ -272,6 +272,23 @@ BEGIN
     RETURN QUERY SELECT unnest(v_ids);
 END $$;
 
+-- finish_move (0001) becomes the one-move form of finish_moves, so the transition is written once.
+CREATE OR REPLACE FUNCTION reactor.finish_move(
+    p_move_id bigint, p_lease uuid, p_status reactor.move_status, p_blocking boolean,
+    p_retry_delay double precision, p_error text, p_note text, p_target_etag text,
+    p_kind text, p_worker text, p_detail jsonb
+) RETURNS boolean LANGUAGE sql AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM reactor.finish_moves(
+               jsonb_build_array(jsonb_build_object(
+                   'id', p_move_id, 'lease_token', p_lease, 'status', p_status,
+                   'blocking', p_blocking, 'retry_delay', p_retry_delay, 'error', p_error,
+                   'note', p_note, 'target_etag', p_target_etag, 'kind', p_kind,
+                   'detail', p_detail)),
+               p_worker))
+$$;
+
 -- finish_and_claim: the poller's one round trip per cycle. Records every finished attempt, then
 -- claims up to p_limit heads; a key whose next move became ready by a finish here is claimable
 -- at once (this transaction already holds its lock). Rows with finished_id set name recorded
@@ -300,6 +317,41 @@ END $$;
 
 DOWNGRADE = """
 DROP FUNCTION reactor.finish_and_claim(jsonb, text, integer, double precision);
+-- finish_move as 0001 created it
+CREATE OR REPLACE FUNCTION reactor.finish_move(
+    p_move_id bigint, p_lease uuid, p_status reactor.move_status, p_blocking boolean,
+    p_retry_delay double precision, p_error text, p_note text, p_target_etag text,
+    p_kind text, p_worker text, p_detail jsonb
+) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_key text;
+BEGIN
+    SELECT order_key INTO v_key FROM reactor.moves WHERE id = p_move_id;
+    IF v_key IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM 1 FROM reactor.order_keys WHERE order_key = v_key FOR UPDATE;
+    UPDATE reactor.moves
+       SET status = p_status,
+           blocking = p_blocking,
+           run_after = CASE WHEN p_status = 'pending'
+                            THEN clock_timestamp() + make_interval(secs => p_retry_delay)
+                            ELSE run_after END,
+           finished_at = CASE WHEN p_status IN ('done', 'superseded', 'failed') THEN clock_timestamp() END,
+           last_error = coalesce(p_error, last_error),
+           note = coalesce(p_note, note),
+           target_etag = coalesce(p_target_etag, target_etag),
+           lease_token = NULL,
+           lease_expires_at = NULL
+     WHERE id = p_move_id AND status = 'running' AND lease_token = p_lease;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO reactor.move_events (move_id, kind, worker, detail)
+    VALUES (p_move_id, p_kind, p_worker, p_detail);
+    PERFORM reactor.refresh_key(v_key);
+    RETURN true;
+END $$;
 DROP FUNCTION reactor.finish_moves(jsonb, text);
 -- refresh_key as 0001 created it
 CREATE OR REPLACE FUNCTION reactor.refresh_key(p_key text) RETURNS void LANGUAGE sql AS $$

@@ -738,3 +738,23 @@ def test_a_head_made_ready_while_a_finish_waits_for_a_lock_is_claimed_by_it(
     # statement's start), instead of leaving it to the next poll
     assert recorded == {held.id}
     assert heads(claimed) == {("late", 1)}
+
+
+def test_the_one_move_finish_function_is_the_batch_transition(outbox: Outbox, engine: Engine) -> None:
+    # Given a claimed move, and a stale lease token for it
+    enqueue(outbox, "single")
+    enqueue(outbox, "single")
+    (move,) = claim(outbox)
+    call = text(
+        "SELECT reactor.finish_move(:id, CAST(:lease AS uuid), 'done', false, 0, NULL, NULL, NULL, 'done',"
+        " 'by-hand', '{}'::jsonb)"
+    )
+    with engine.begin() as conn:
+        # When reactor.finish_move is called with the wrong token, then with the right one
+        stale = conn.execute(call, {"id": move.id, "lease": "00000000-0000-0000-0000-000000000000"}).scalar()
+        fresh = conn.execute(call, {"id": move.id, "lease": str(move.lease_token)}).scalar()
+    # Then only the holder's call counts, records one event, and readies the key's next move
+    assert (stale, fresh) == (False, True)
+    assert move_row(engine, move.id)["status"] == "done"
+    assert events(engine, move.id)[-1] == ("done", "by-hand")
+    assert heads(claim(outbox)) == {("single", 2)}
