@@ -10,6 +10,7 @@ import argparse
 import atexit
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import json
 import mimetypes
@@ -281,8 +282,8 @@ def postgres_bindir() -> Path:
     )
 
 
-def _check_reachable(path: Path, user: _OsUser) -> None:
-    """Fail early, with a fix, when the postgres OS user cannot reach a directory we hand it."""
+def _unreachable_parent(path: Path, user: _OsUser) -> Path | None:
+    """The first directory above `path` that `user` cannot enter, if any."""
     for parent in reversed(path.resolve().parents):
         mode = parent.stat()
         if mode.st_uid == user.uid:
@@ -292,11 +293,43 @@ def _check_reachable(path: Path, user: _OsUser) -> None:
         else:
             ok = bool(mode.st_mode & 0o001)
         if not ok:
-            raise StackError(
-                f"the OS user {user.name!r} that runs PostgreSQL cannot enter {parent}, so it cannot use "
-                f"{path}: put the state elsewhere (REACTOR_DEV_STACK_DIR=/var/tmp/reactor-stack for the dev "
-                "stack) or grant o+x on that directory"
-            )
+            return parent
+    return None
+
+
+def _default_stack_root() -> Path:
+    """.stack/ in the checkout, unless PostgreSQL's OS user (as root) cannot enter the checkout (a
+    clone under a private directory, such as one made by mktemp -d): then a directory of this
+    checkout's own under /var/tmp, so `make run` works from any clone."""
+    default = REPO_ROOT / ".stack"
+    if os.geteuid() != 0:
+        return default
+    try:
+        entry = pwd.getpwnam(os.environ.get("REACTOR_PG_OS_USER", "postgres"))
+    except KeyError:
+        return default
+    user = _OsUser(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+    if _unreachable_parent(default, user) is None:
+        return default
+    digest = hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:12]
+    root = Path("/var/tmp") / f"reactor-stack-{digest}"  # noqa: S108 - checked to be ours below
+    if root.is_symlink() or (root.exists() and root.stat().st_uid != os.geteuid()):
+        raise StackError(
+            f"{root} (the dev stack's state for this checkout) exists but is not this user's own "
+            "directory: remove it, or set REACTOR_DEV_STACK_DIR to a directory of yours"
+        )
+    return root
+
+
+def _check_reachable(path: Path, user: _OsUser) -> None:
+    """Fail early, with a fix, when the postgres OS user cannot reach a directory we hand it."""
+    parent = _unreachable_parent(path, user)
+    if parent is not None:
+        raise StackError(
+            f"the OS user {user.name!r} that runs PostgreSQL cannot enter {parent}, so it cannot use "
+            f"{path}: put the state elsewhere (REACTOR_DEV_STACK_DIR=/var/tmp/reactor-stack for the dev "
+            "stack) or grant o+x on that directory"
+        )
 
 
 class PostgresServer:
@@ -801,7 +834,8 @@ class DevStack:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DevStack:
-        root = Path(environ.get("REACTOR_DEV_STACK_DIR") or REPO_ROOT / ".stack").absolute()
+        configured = environ.get("REACTOR_DEV_STACK_DIR")
+        root = (Path(configured) if configured else _default_stack_root()).absolute()
         return cls(
             root=root,
             pg_port=_port_from_env(environ, "REACTOR_DEV_PG_PORT", DEV_PG_PORT),
